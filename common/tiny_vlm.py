@@ -1,0 +1,168 @@
+"""The embedded tiny VLM: a real Qwen2-VL (transformers' own class and processor) at tiny size, so the
+whole pipeline runs offline on a laptop CPU and is loaded through the same `from_pretrained` path as a real
+checkpoint.
+
+`--model tiny` resolves to a directory under the cache (`$VLRL_CACHE`, default `~/.cache/vlrl`) that this
+module builds deterministically on first use:
+  1. a byte-level BPE tokenizer trained with `tokenizers` on the tasks' prompt text, carrying Qwen2-VL's
+     special tokens and chat template;
+  2. a randomly initialised `Qwen2VLForConditionalGeneration` (text: 4 layers × 128; vision: 2 blocks × 64,
+     8-pixel patches, 2×2 merge → a 64×64 image is 16 image tokens);
+  3. a short supervised warm start (`warm_start`) on the task's own 'warmstart' split, disjoint from the
+     train and held-out seeds. It teaches the answer format and is stopped early, while held-out accuracy
+     is still low, so that what RL adds is measured from there.
+"""
+
+import hashlib
+import json
+import os
+import random
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from common import tasks
+from common.vlm import Qwen2VLImageOnlyProcessor, build_prompts, load_vlm, response_logprobs, response_mask, suppressed_token_ids
+
+SPECIAL_TOKENS = [  # Qwen2-VL's, in its order
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+ANSWER_TOKENS = ["<answer>", "</answer>"]  # whole tokens here, so an answer is 3 tokens + EOS
+
+# Qwen2-VL's chat template without the default system message (as Qwen3-VL's): every text token the
+# answer position attends to dilutes the 16 image tokens, and a tiny model from scratch learns to read the
+# image much faster when they are half the prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY = dict(  # the architecture; changing anything here changes the cache key
+    text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+              "mrope_section": [4, 6, 6]}, max_position_embeddings=1024),
+    vision=dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=4, patch_size=16, spatial_merge_size=1,
+                temporal_patch_size=2),
+    image_size=64, vocab_size=512, seed=0,
+)  # fmt: skip
+WARM_START = dict(steps=100, batch_size=32, lr=1e-3)
+
+
+def tokenizer_corpus():
+    """Text the tiny tokenizer is trained on: the chat frame, the tasks' prompts and answers, digits."""
+    lines = ["You are a helpful assistant.", "system", "user", "assistant", tasks.ANSWER_FORMAT, tasks.COUNTING_QUESTION]
+    lines += [f"<answer>{n}</answer>" for n in range(100)]
+    lines += [" ".join(map(str, range(n, n + 10))) for n in range(0, 1000, 7)]
+    words = "the a an of in on is are how many what which where shape shapes object objects image picture colour color"
+    words += " red blue green yellow circle square triangle small large left right top bottom answer number count"
+    rng = random.Random(0)
+    lines += [" ".join(rng.choice(words.split()) for _ in range(8)).capitalize() + rng.choice("?.") for _ in range(500)]
+    return lines
+
+
+def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    # Qwen2 style: digits one by one, then byte-level BPE
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(ANSWER_TOKENS),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        model_max_length=TINY["text"]["max_position_embeddings"],
+    )  # fmt: skip
+    fast.add_tokens(ANSWER_TOKENS)
+    return fast
+
+
+def build_random_tiny_vlm(out_dir: str):
+    """Tokenizer + processor + randomly initialised Qwen2-VL, saved with save_pretrained. Deterministic."""
+    tokenizer = train_tokenizer(TINY["vocab_size"])
+    size = TINY["image_size"]
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=TINY["vision"]["patch_size"], merge_size=TINY["vision"]["spatial_merge_size"],
+        temporal_patch_size=TINY["vision"]["temporal_patch_size"], min_pixels=size * size, max_pixels=size * size,
+    )  # fmt: skip
+    processor = Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=dict(**TINY["text"], vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(**TINY["vision"], hidden_size=TINY["text"]["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(TINY["seed"])
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def warm_start(model_dir: str, task: str, steps: int, batch_size: int, lr: float, log=print):
+    """Supervised fine-tuning on the task's 'warmstart' split for a few steps; saves in place."""
+    torch.manual_seed(0)
+    model, processor = load_vlm(model_dir)
+    examples = tasks.load_task(task, "warmstart", steps * batch_size, image_size=TINY["image_size"])
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    suppressed = suppressed_token_ids(processor)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        batch = examples[step * batch_size : (step + 1) * batch_size]
+        prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], 4096)
+        targets = [f"<answer>{e.answer}</answer><|im_end|>" for e in batch]
+        target_ids = tok(targets, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
+        target_ids[target_ids == tok.pad_token_id] = eos
+        mask = response_mask(target_ids, eos)
+        logprobs = response_logprobs(model, prompts, target_ids, mask, suppressed)
+        loss = -(logprobs.sum() / mask.sum())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"warm start {step + 1}/{steps}: loss {loss.item():.3f}")
+    model.save_pretrained(model_dir)
+
+
+def tiny_model_dir(task: str) -> str:
+    """Path of the embedded tiny VLM warm-started for `task`; built on first use, then cached."""
+    key = hashlib.sha256(json.dumps([TINY, WARM_START, task, CHAT_TEMPLATE], sort_keys=True).encode()).hexdigest()[:10]
+    cache = os.environ.get("VLRL_CACHE", os.path.expanduser("~/.cache/vlrl"))
+    path = os.path.join(cache, f"tiny-qwen2-vl-{task}-{key}")
+    if os.path.exists(os.path.join(path, "DONE")):
+        return path
+    t0 = time.time()
+    print(f"building the embedded tiny VLM for '{task}' in {path} (once; cached afterwards)")
+    tmp = f"{path}.tmp{os.getpid()}"  # build aside, then rename: an interrupted build leaves no half model
+    build_random_tiny_vlm(tmp)
+    warm_start(tmp, task, **WARM_START)
+    open(os.path.join(tmp, "DONE"), "w").write(f"built in {time.time() - t0:.1f}s\n")
+    os.makedirs(cache, exist_ok=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built in {time.time() - t0:.1f}s")
+    return path

@@ -1,0 +1,114 @@
+"""The heart of GRPO, pinned with hand-computed numbers: masked_mean, group_advantages, grpo_loss."""
+
+import math
+
+import pytest
+import torch
+
+
+def test_masked_mean_ignores_padding(grpo):
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    assert grpo.masked_mean(x, mask).item() == pytest.approx((1 + 2 + 5 + 6 + 7) / 5)
+    assert torch.allclose(grpo.masked_mean(x, mask, dim=1), torch.tensor([(1 + 2) / 2, (5 + 6 + 7) / 3]))
+
+
+def test_masked_mean_of_a_fully_masked_row_is_zero_not_nan(grpo):
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    mask = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    assert torch.equal(grpo.masked_mean(x, mask, dim=1), torch.tensor([0.0, 4.0]))
+
+
+def test_group_advantages_normalise_within_each_contiguous_group(grpo):
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    eps = 1e-4
+    # group 1: mean 0.25, unbiased var ((0.75)^2 + 3 * (0.25)^2) / 3 = 0.25 → std 0.5
+    # group 2: mean 0.5, unbiased var 4 * (0.5)^2 / 3 = 1/3 → std sqrt(1/3)
+    s1, s2 = 0.5, math.sqrt(1 / 3)
+    expected = [0.75 / (s1 + eps)] + [-0.25 / (s1 + eps)] * 3 + [0.5 / (s2 + eps)] * 2 + [-0.5 / (s2 + eps)] * 2
+    assert torch.allclose(grpo.group_advantages(rewards, 4, eps=eps), torch.tensor(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 1.0])
+def test_group_with_equal_rewards_gets_exactly_zero_advantage(grpo, value):
+    rewards = torch.tensor([value] * 4 + [1.0, 0.0, 0.0, 0.0])
+    advantages = grpo.group_advantages(rewards, 4)
+    assert torch.equal(advantages[:4], torch.zeros(4))
+    assert advantages[4] > 0  # the other group is untouched
+
+
+def test_loss_at_ratio_one_is_minus_mean_advantage_with_zero_kl_and_clipfrac(grpo):
+    torch.manual_seed(0)
+    logprobs = -torch.rand(3, 4) * 3
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    loss, kl, clipfrac = grpo.grpo_loss(logprobs, logprobs.clone(), logprobs.clone(), advantages, mask, 0.2, 0.04)
+    assert loss.item() == pytest.approx(-(1.0 - 0.5 + 2.0) / 3)
+    assert kl.item() == 0.0
+    assert clipfrac.item() == 0.0
+
+
+def test_clipped_surrogate_takes_the_pessimistic_branch_for_each_advantage_sign(grpo):
+    # one token per sequence; ratio = exp(logp - old_logp)
+    ratios = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1])
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    # min(rho * A, clip(rho, 0.8, 1.2) * A):
+    #   A=+1, rho=1.5 → min(1.5, 1.2) = 1.2 (clipped)      A=-1, rho=1.5 → min(-1.5, -1.2) = -1.5 (not clipped)
+    #   A=+1, rho=0.5 → min(0.5, 0.8) = 0.5 (not clipped)  A=-1, rho=0.5 → min(-0.5, -0.8) = -0.8 (clipped)
+    #   A=+1, rho=1.1 → 1.1 (inside the range)
+    surrogates = [1.2, -1.5, 0.5, -0.8, 1.1]
+    old = torch.full((5, 1), -1.0)
+    logprobs = (old + torch.log(ratios).unsqueeze(1)).requires_grad_(True)
+    mask = torch.ones(5, 1)
+    loss, _, clipfrac = grpo.grpo_loss(logprobs, old, logprobs.detach(), advantages, mask, 0.2, 0.0)
+    assert loss.item() == pytest.approx(-sum(surrogates) / 5, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(4 / 5)  # |rho - 1| > 0.2 for all but the last
+    loss.backward()
+    # clipped branches carry no gradient; the others d(-rho*A/5)/dlogp = -rho*A/5
+    expected_grad = torch.tensor([0.0, 1.5 / 5, -0.5 / 5, 0.0, -1.1 / 5]).unsqueeze(1)
+    assert torch.allclose(logprobs.grad, expected_grad, atol=1e-6)
+
+
+def test_k3_kl_equals_exp_d_minus_d_minus_one_and_is_non_negative(grpo):
+    logprobs = torch.tensor([[-2.0], [-1.0], [-0.3]])
+    ref = torch.tensor([[-1.5], [-1.7], [-0.3]])
+    # d = ref - logp = 0.5, -0.7, 0 → e^d - d - 1
+    expected = [math.exp(0.5) - 0.5 - 1, math.exp(-0.7) + 0.7 - 1, 0.0]
+    zeros, mask = torch.zeros(3), torch.ones(3, 1)
+    for i in range(3):
+        _, kl, _ = grpo.grpo_loss(logprobs[i : i + 1], logprobs[i : i + 1], ref[i : i + 1], zeros[:1], mask[:1], 0.2, 0.1)
+        assert kl.item() == pytest.approx(expected[i], abs=1e-6)
+    # with A = 0 and ratio 1 the loss is beta * the per-sequence KL, averaged
+    loss, kl, _ = grpo.grpo_loss(logprobs, logprobs, ref, zeros, mask, 0.2, 0.1)
+    assert loss.item() == pytest.approx(0.1 * sum(expected) / 3, abs=1e-6)
+    torch.manual_seed(0)
+    logprobs, ref = -torch.rand(64, 8) * 10, -torch.rand(64, 8) * 10
+    _, kl, _ = grpo.grpo_loss(logprobs, logprobs, ref, torch.zeros(64), torch.ones(64, 8), 0.2, 0.1)
+    assert kl.item() >= 0.0
+    per_token = torch.exp(ref - logprobs) - (ref - logprobs) - 1
+    assert (per_token >= 0).all()  # the estimator itself, token by token
+
+
+def test_each_sequence_is_weighted_by_one_over_its_own_length(grpo):
+    old = torch.zeros(2, 3)
+    # sequence 0 has 1 token (ratio 1.1), sequence 1 has 3 tokens (ratios 1.1, 1.1, 0.9); padding holds garbage
+    ratios = torch.tensor([[1.1, 50.0, 50.0], [1.1, 1.1, 0.9]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages = torch.tensor([1.0, 2.0])
+    loss, kl, clipfrac = grpo.grpo_loss(torch.log(ratios), old, torch.log(ratios), advantages, mask, 0.2, 0.0)
+    per_sequence = [1.0 * 1.1 / 1, 2.0 * (1.1 + 1.1 + 0.9) / 3]
+    assert loss.item() == pytest.approx(-sum(per_sequence) / 2, abs=1e-6)
+    assert loss.item() != pytest.approx(-(1.1 + 2.0 * 3.1) / 4, abs=1e-3)  # not a flat token mean
+    assert clipfrac.item() == 0.0  # the padded ratio 50 is not counted
+    assert kl.item() == 0.0
+
+
+def test_gradient_is_minus_advantage_over_length_and_count_and_zero_on_padding(grpo):
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    advantages = torch.tensor([1.5, -0.5])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.6, -0.7, -0.8]], requires_grad=True)
+    loss, _, _ = grpo.grpo_loss(logprobs, logprobs.detach(), logprobs.detach(), advantages, mask, 0.2, 0.0)
+    loss.backward()
+    # N = 2 sequences: -A_i / (|y_i| * N) = -1.5 / (2 * 2) and 0.5 / (4 * 2)
+    expected = torch.tensor([[-0.375, -0.375, 0.0, 0.0], [0.0625, 0.0625, 0.0625, 0.0625]])
+    assert torch.allclose(logprobs.grad, expected, atol=1e-7)

@@ -1,0 +1,129 @@
+"""Counting data: deterministic, held out, honest (the answer is the visible object count), and the real-dataset
+path in the BUAADreamer/clevr_count_70k schema."""
+
+import collections
+import math
+
+import datasets
+import pytest
+from PIL import Image
+
+from common import tasks
+
+
+def test_same_split_and_size_give_identical_examples():
+    a, b = tasks.load_task("counting", "train", 30), tasks.load_task("counting", "train", 30)
+    assert [e.image.tobytes() for e in a] == [e.image.tobytes() for e in b]
+    assert [(e.question, e.answer) for e in a] == [(e.question, e.answer) for e in b]
+    assert len({e.image.tobytes() for e in a}) > 25  # and they are not one image repeated
+
+
+@pytest.mark.parametrize("trained_split, n_trained", [("train", 2000), ("warmstart", 2000)])
+def test_no_eval_image_appears_in_a_split_the_model_learns_from(trained_split, n_trained):
+    trained = {e.image.tobytes() for e in tasks.load_task("counting", trained_split, n_trained)}
+    evals = tasks.load_task("counting", "eval", 500)
+    leaked = [i for i, e in enumerate(evals) if e.image.tobytes() in trained]
+    assert leaked == [], f"eval examples {leaked} (answers {[evals[i].answer for i in leaked]}) are {trained_split} images"
+
+
+@pytest.fixture(scope="module")
+def eval_scenes():
+    """500 held-out examples with the objects drawn in each: (example, [(shape, colour, radius, x, y), ...])."""
+    examples = tasks.load_task("counting", "eval", 500)
+    scenes = [tasks.draw_scene(e.seed, tasks.SceneSpec()) for e in examples]
+    assert all(e.image.tobytes() == image.tobytes() for e, (image, _) in zip(examples, scenes))
+    return [(e, objects) for e, (_, objects) in zip(examples, scenes)]
+
+
+def test_eval_answer_is_the_number_of_objects_drawn(eval_scenes):
+    assert all(e.answer == str(len(objects)) for e, objects in eval_scenes)
+
+
+def test_eval_answers_are_spread_so_a_constant_guess_scores_low(eval_scenes):
+    counts = collections.Counter(e.answer for e, _ in eval_scenes)
+    assert len(counts) >= 5, counts
+    assert max(counts.values()) / len(eval_scenes) <= 0.35, counts
+
+
+def test_eval_scenes_mix_shapes_and_colours(eval_scenes):
+    shapes = {shape for _, objects in eval_scenes for shape, *_ in objects}
+    colours = {colour for _, objects in eval_scenes for _, colour, *_ in objects}
+    assert len(shapes) >= 2 and len(colours) >= 2, (shapes, colours)
+
+
+def assert_separate_and_inside(objects, size):
+    """Every object fully inside the image, and no two bounding circles overlap (so each one is countable)."""
+    for i, (_, _, r1, x1, y1) in enumerate(objects):
+        assert r1 <= x1 <= size - r1 and r1 <= y1 <= size - r1, objects
+        for _, _, r2, x2, y2 in objects[:i]:
+            assert math.dist((x1, y1), (x2, y2)) >= r1 + r2, objects
+
+
+def test_eval_objects_neither_overlap_nor_leave_the_image(eval_scenes):
+    for e, objects in eval_scenes:
+        assert_separate_and_inside(objects, e.image.size[0])
+
+
+@pytest.mark.parametrize("cell", [0, 16])  # free placement (rejection sampling) and one object per grid cell
+def test_both_layouts_keep_objects_separate_and_inside(cell):
+    spec = tasks.SceneSpec(image_size=64, min_count=1, max_count=5, cell=cell)
+    for seed in range(300):
+        assert_separate_and_inside(tasks.draw_scene(seed, spec)[1], 64)
+
+
+def test_unknown_task_exits_naming_the_choices():
+    with pytest.raises(SystemExit, match=r"unknown task 'cnt'.*counting"):
+        tasks.load_task("cnt", "train", 1)
+    with pytest.raises(SystemExit, match=r"unknown task 'cnt'.*counting"):
+        tasks.reward_fn("cnt")
+
+
+# ---------------------------------------------------------------------------------------------- real dataset
+FEATURES = datasets.Features(
+    {"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"), "answer": datasets.Value("string")}
+)
+SOLID = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90), (250, 250, 0)]
+
+
+def clevr_like(n: int, first: int = 0) -> datasets.Dataset:
+    """n rows in the clevr_count_70k schema; row i is a solid-colour image with answer str(first + i)."""
+    return datasets.Dataset.from_dict(
+        {
+            "images": [[Image.new("RGB", (32, 32), SOLID[(first + i) % 5])] for i in range(n)],
+            "problem": ["<image>How many items are there in the image?"] * n,
+            "answer": [str(first + i) for i in range(n)],
+        },
+        features=FEATURES,
+    )
+
+
+def check_rows(examples, answers):
+    question = "How many items are there in the image? Answer with <answer>N</answer>."
+    assert [e.answer for e in examples] == answers
+    assert all(e.question == question for e in examples)
+    for e, a in zip(examples, answers):
+        assert e.image.mode == "RGB" and e.image.size == (32, 32)
+        assert e.image.getpixel((5, 5)) == SOLID[int(a) % 5]
+
+
+def test_real_dataset_saved_with_save_to_disk_loads(tmp_path):
+    clevr_like(5).save_to_disk(str(tmp_path / "ds"))
+    check_rows(tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "ds")), ["0", "1", "2"])
+
+
+def test_real_dataset_dict_gives_train_rows_and_test_rows_for_eval(tmp_path):
+    datasets.DatasetDict({"train": clevr_like(5), "test": clevr_like(3, first=10)}).save_to_disk(str(tmp_path / "dd"))
+    check_rows(tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "dd")), ["0", "1", "2"])
+    check_rows(tasks.load_task("counting", "eval", 2, dataset=str(tmp_path / "dd")), ["10", "11"])
+
+
+def test_real_dataset_without_test_split_evaluates_on_the_end_of_train(tmp_path):
+    datasets.DatasetDict({"train": clevr_like(6)}).save_to_disk(str(tmp_path / "dd"))
+    check_rows(tasks.load_task("counting", "eval", 2, dataset=str(tmp_path / "dd")), ["4", "5"])
+
+
+@pytest.mark.parametrize("column", ["images", "problem", "answer"])
+def test_real_dataset_lacking_a_column_exits_naming_it(tmp_path, column):
+    datasets.DatasetDict({"train": clevr_like(3).remove_columns(column)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(SystemExit, match=f"lacks columns \\['{column}'\\]"):
+        tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "dd"))

@@ -1,0 +1,217 @@
+"""The model side on a random tiny Qwen2-VL: loading, prompts, batched scoring, and that the log-probs we train
+on are those of the policy we sample from."""
+
+import re
+
+import pytest
+import torch
+
+from common import tasks
+from common.vlm import (
+    build_prompts,
+    generate,
+    load_vlm,
+    response_logprobs,
+    response_mask,
+    select,
+    suppressed_token_ids,
+)
+
+# different lengths → different amounts of left padding in one batch
+QUESTIONS = [
+    "How many?",
+    "How many shapes are in the image? Answer with <answer>N</answer>.",
+    "How many shapes are in the picture, small or large, red blue green or yellow? Answer with <answer>N</answer>.",
+]
+
+
+def ids(processor, token: str) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(token)
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+def test_reloading_a_saved_checkpoint_gives_the_same_logits(tiny_vlm, make_prompts, tmp_path):
+    model, processor = tiny_vlm
+    batch = make_prompts(QUESTIONS[:2])
+    model.save_pretrained(tmp_path / "again")
+    processor.save_pretrained(tmp_path / "again")  # what algos/grpo_vlm.py does with the trained model
+    reloaded, reloaded_processor = load_vlm(str(tmp_path / "again"))
+    assert torch.equal(logits(reloaded.eval(), batch), logits(model, batch))
+    rebuilt = make_prompts(QUESTIONS[:2], processor=reloaded_processor)
+    assert all(torch.equal(rebuilt[key], batch[key]) for key in batch)
+
+
+def test_loading_the_same_directory_twice_gives_identical_logits(tiny_model_dir, make_prompts):
+    batch = make_prompts(QUESTIONS[:2])
+    first, second = load_vlm(tiny_model_dir)[0].eval(), load_vlm(tiny_model_dir)[0].eval()
+    assert torch.equal(logits(first, batch), logits(second, batch))
+
+
+def test_load_vlm_on_a_missing_path_exits_naming_it():
+    with pytest.raises(SystemExit, match="/nonexistent/model"):
+        load_vlm("/nonexistent/model")
+
+
+def test_load_vlm_on_a_directory_without_a_checkpoint_exits_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(str(tmp_path))):
+        load_vlm(str(tmp_path))
+
+
+def test_prompt_has_one_image_pad_per_merged_patch(tiny_vlm, make_prompts):
+    _, processor = tiny_vlm
+    batch = make_prompts(QUESTIONS)
+    # a 64x64 image, 8-pixel patches → (64/8)^2 = 64 patches; 2x2 merge → 16 image tokens
+    assert (batch["input_ids"] == ids(processor, "<|image_pad|>")).sum(1).tolist() == [16, 16, 16]
+    assert batch["pixel_values"].shape[0] == 3 * 64
+    assert processor.tokenizer.padding_side == "left"
+    assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()
+
+
+def test_prompt_longer_than_the_limit_exits_naming_the_flag(make_prompts):
+    with pytest.raises(SystemExit, match="--max-prompt-tokens"):
+        make_prompts(QUESTIONS[:1], max_prompt_tokens=20)
+
+
+def test_response_mask_covers_tokens_up_to_and_including_the_first_eos():
+    eos = 2
+    responses = torch.tensor([[5, 2, 7, 2], [2, 2, 2, 2], [5, 6, 7, 8], [5, 6, 7, 2]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]).float()
+    assert torch.equal(response_mask(responses, eos), expected)
+
+
+def test_select_gathers_each_rows_image_block():
+    # hand-made batch: image 0 has 4 patch rows, image 1 has 16 (different grids), each row tagged by its image
+    inputs = {
+        "input_ids": torch.tensor([[1, 2], [3, 4]]),
+        "attention_mask": torch.tensor([[0, 1], [1, 1]]),
+        "pixel_values": torch.cat([torch.full((4, 3), 0.0), torch.full((16, 3), 1.0)]),
+        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 4, 4]]),
+    }
+    out = select(inputs, [1, 0, 1])
+    assert torch.equal(out["input_ids"], torch.tensor([[3, 4], [1, 2], [3, 4]]))
+    assert torch.equal(out["attention_mask"], torch.tensor([[1, 1], [0, 1], [1, 1]]))
+    expected_pixels = torch.cat([torch.full((16, 3), 1.0), torch.full((4, 3), 0.0), torch.full((16, 3), 1.0)])
+    assert torch.equal(out["pixel_values"], expected_pixels)
+    assert torch.equal(out["image_grid_thw"], torch.tensor([[1, 4, 4], [1, 2, 2], [1, 4, 4]]))
+
+
+def test_select_swapping_rows_equals_building_the_batch_swapped(tiny_vlm):
+    _, processor = tiny_vlm
+    images = [e.image for e in tasks.load_task("counting", "eval", 2)]
+    batch = build_prompts(processor, images, QUESTIONS[:2], 512)
+    swapped = build_prompts(processor, images[::-1], QUESTIONS[:2][::-1], 512)
+    out = select(batch, [1, 0])
+    assert not torch.equal(batch["pixel_values"], swapped["pixel_values"])  # the images differ
+    for key in swapped:
+        assert torch.equal(out[key], swapped[key]), key
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_vlm, make_prompts):
+    """Responses of different lengths, padded with EOS after EOS, scored as one batch and one at a time."""
+    model, processor = tiny_vlm
+    eos = ids(processor, "<|im_end|>")
+    answer_open, answer_close = ids(processor, "<answer>"), ids(processor, "</answer>")
+    digit = processor.tokenizer.convert_tokens_to_ids("3")
+    responses = torch.tensor(
+        [
+            [answer_open, digit, answer_close, eos, eos, eos],
+            [digit, eos, eos, eos, eos, eos],
+            [answer_open, digit, digit, digit, answer_close, digit],  # no EOS: all 6 tokens count
+        ]
+    )
+    mask = response_mask(responses, eos)
+    suppressed = suppressed_token_ids(processor)
+    prompts = make_prompts(QUESTIONS)
+    assert (prompts["attention_mask"][:2, 0] == 0).all()  # the two shorter prompts are left-padded
+    with torch.no_grad():
+        batched = response_logprobs(model, prompts, responses, mask, suppressed)
+        alone = torch.cat(
+            [response_logprobs(model, make_prompts(QUESTIONS[i : i + 1], first=i), responses[i : i + 1], mask[i : i + 1], suppressed) for i in range(3)]
+        )  # fmt: skip
+    return dict(responses=responses, mask=mask, batched=batched, alone=alone, suppressed=suppressed, eos=eos)
+
+
+def test_batched_logprobs_with_left_padding_equal_one_at_a_time(scored):
+    assert torch.allclose(scored["batched"], scored["alone"], atol=1e-4)
+    assert (scored["batched"][scored["mask"].bool()] < 0).all()  # real log-probs where the mask is on
+
+
+def test_logprobs_after_eos_are_zero_and_do_not_change_earlier_positions(tiny_vlm, make_prompts, scored):
+    model, processor = tiny_vlm
+    eos, mask = scored["eos"], scored["mask"]
+    responses = scored["responses"].clone()
+    # garbage after the first EOS, including suppressed specials (<|endoftext|>, <|im_start|>) and a later EOS
+    responses[0, 4:] = torch.tensor([ids(processor, "<|endoftext|>"), ids(processor, "<|im_start|>")])
+    responses[1, 2:] = torch.tensor([7, 8, eos, 9])
+    assert torch.equal(response_mask(responses, eos), mask)
+    prompts = make_prompts(QUESTIONS)
+    logprobs = response_logprobs(model, prompts, responses, mask, scored["suppressed"])
+    assert torch.equal(logprobs[mask == 0], torch.zeros(int((mask == 0).sum())))
+    assert torch.allclose(logprobs, scored["batched"], atol=1e-5)
+    model.zero_grad()
+    logprobs.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+
+
+def test_scoring_a_suppressed_token_gives_minus_infinity(tiny_vlm, make_prompts, scored):
+    model, processor = tiny_vlm
+    responses = torch.tensor([[ids(processor, "<|im_start|>"), scored["eos"]]])
+    with torch.no_grad():
+        logprobs = response_logprobs(model, make_prompts(QUESTIONS[:1]), responses, torch.ones(1, 2), scored["suppressed"])
+    assert logprobs[0, 0] == float("-inf") and torch.isfinite(logprobs[0, 1])
+
+
+def test_suppressed_ids_are_the_special_tokens_except_eos(tiny_vlm):
+    _, processor = tiny_vlm
+    suppressed = suppressed_token_ids(processor)
+    for token in ["<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]:
+        assert ids(processor, token) in suppressed, token
+    for token in ["<|im_end|>", "<answer>", "</answer>", "3"]:
+        assert ids(processor, token) not in suppressed, token
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_training_logprobs_equal_the_sampling_distribution_of_generate(tiny_vlm, make_prompts, temperature):
+    model, processor = tiny_vlm
+    prompts = make_prompts(QUESTIONS[:2])
+    eos, suppressed, G = ids(processor, "<|im_end|>"), suppressed_token_ids(processor), 3
+    torch.manual_seed(0)
+    out = model.generate(
+        **prompts, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6,
+        num_return_sequences=G, suppress_tokens=suppressed, eos_token_id=eos, pad_token_id=eos,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    responses = out.sequences[:, prompts["input_ids"].shape[1] :]
+    mask = response_mask(responses, eos)
+    scores = torch.stack(out.scores, dim=1).float()  # (N, T, V): the processed logits sampled from
+    assert (scores[..., suppressed] == float("-inf")).all()
+    sampled = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        trained = response_logprobs(model, select(prompts, [0] * G + [1] * G), responses, mask, suppressed, temperature)
+    on = mask.bool()
+    assert torch.allclose(trained[on], sampled[on], atol=1e-4)
+
+
+def test_sampling_never_emits_a_suppressed_token(tiny_vlm, make_prompts):
+    model, processor = tiny_vlm
+    torch.manual_seed(0)
+    responses = generate(model, processor, make_prompts(QUESTIONS[:2]), 64, 8, 1.0, greedy=False)
+    assert responses.shape == (128, 8)
+    emitted = set(responses.flatten().tolist())
+    assert len(emitted) > 200  # the random policy spreads over the vocabulary, so specials would show up
+    assert emitted.isdisjoint(suppressed_token_ids(processor))
+
+
+def test_decoded_target_response_earns_the_reward(tiny_vlm):
+    _, processor = tiny_vlm
+    eos = ids(processor, "<|im_end|>")
+    target = processor.tokenizer("<answer>12</answer><|im_end|>")["input_ids"] + [eos, eos]
+    assert len(target) == 7 and target[-3:] == [eos] * 3  # <answer>, 1, 2, </answer> as whole tokens
+    text = processor.tokenizer.batch_decode([target], skip_special_tokens=True)[0]
+    assert tasks.counting_reward(text, "12") == 1.0
