@@ -29,6 +29,7 @@ from common.tiny_vlm import tiny_model_dir  # noqa: E402
 from common.vlm import (  # noqa: E402
     build_prompts,
     generate,
+    greedy_accuracy,
     load_vlm,
     response_logprobs,
     response_mask,
@@ -69,7 +70,7 @@ class Args:
     """number of held-out examples for eval/accuracy (greedy decoding)"""
 
     # Algorithm specific arguments
-    total_steps: int = 600
+    total_steps: int = 450
     """number of rollout + update steps"""
     prompts_per_step: int = 16
     """prompts per step (B); each gets group_size responses"""
@@ -81,9 +82,11 @@ class Args:
     """longest prompt allowed, image tokens included (never truncated: too long is an error)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are computed at the same temperature)"""
-    lr: float = 5e-4
+    lr: float = 2e-4
     """AdamW learning rate"""
-    beta: float = 0.04
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over total_steps (late updates are the noisiest)"""
+    beta: float = 0.1
     """KL coefficient to the frozen reference policy (0 = no reference model)"""
     clip_eps: float = 0.2
     """PPO clip range for the importance ratio"""
@@ -93,9 +96,12 @@ class Args:
     """sequences per forward/backward; gradients accumulate over the step's B*G sequences"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
+    skip_zero_advantage_groups: bool = True
+    """leave groups whose rewards are all equal out of the update (their advantage is 0; only their KL term
+    would remain): saves their forward and backward passes, as DAPO's dynamic sampling does (arXiv 2503.14476)"""
     format_reward: float = 0.0
     """reward for a well-formed but wrong answer (accuracy is 1.0)"""
-    eval_every: int = 50
+    eval_every: int = 25
     """evaluate on the held-out set every this many steps"""
 
 
@@ -135,27 +141,13 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
     return loss, masked_mean(kl, mask).detach(), masked_mean(clipped, mask).detach()
 
 
-@torch.no_grad()
-def evaluate(model, processor, examples, reward_fn, args, batch_size: int = 100):
-    """Held-out accuracy with greedy decoding: the fraction of responses with reward 1."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i : i + batch_size]
-        prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], args.max_prompt_tokens)
-        response_ids = generate(model, processor, prompts.to(model.device), 1, args.max_new_tokens, 1.0, greedy=True)
-        texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        correct += sum(reward_fn(t, e.answer) == 1.0 for t, e in zip(texts, batch))
-    model.train()
-    return correct / len(examples)
-
-
 def main(args: Args):
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more")
     if args.dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"--dtype {args.dtype}: choose float32 or bfloat16")
-    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    start_time = time.time()  # the logged "time" counts from here, so it includes a first-run model build
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"
     run_dir = os.path.join(args.output_dir, run_name)
 
     # TRY NOT TO MODIFY: seeding
@@ -189,14 +181,18 @@ def main(args: Args):
         if args.track:
             wandb.log(record, step=record["step"])
 
-    start_time = time.time()
-    first_accuracy = last_accuracy = evaluate(model, processor, eval_examples, reward_fn, args)
-    log({"step": 0, "eval/accuracy": first_accuracy, "time": 0.0})
+    def evaluate():  # held-out accuracy, greedy decoding
+        return greedy_accuracy(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
+
+    first_accuracy = last_accuracy = evaluate()
+    log({"step": 0, "eval/accuracy": first_accuracy, "time": round(time.time() - start_time, 2)})
     progress = tqdm(range(1, args.total_steps + 1), desc="grpo", dynamic_ncols=True)
     step = 0
     try:
         for step in progress:
             step_start = time.time()
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.lr * (1 - (step - 1) / args.total_steps)
             batch = random.sample(train_examples, args.prompts_per_step)
             prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], args.max_prompt_tokens)
             prompts = prompts.to(device)
@@ -216,20 +212,27 @@ def main(args: Args):
 
             # ALGO LOGIC 3. advantage: group-normalised reward, one per sequence
             advantages = group_advantages(rewards, G).to(device)  # (B*G,)
+            response_lengths = mask.sum(1)  # for logging, before any filtering
+            zero_advantage_groups = (rewards.view(-1, G).std(1) == 0).float().mean().item()
+            if args.skip_zero_advantage_groups:  # all-equal groups have A = 0 everywhere: skip their compute
+                keep = (rewards.view(-1, G).std(1) > 0).repeat_interleave(G).nonzero().squeeze(1).tolist()
+                inputs, response_ids, mask, advantages = select(inputs, keep), response_ids[keep], mask[keep], advantages[keep]
 
             # log-probs under the sampling policy and under the reference, recomputed by the trainer (not taken
             # from the rollout engine). With one update per rollout the sampling policy is the current model, so
             # old_logprobs is the update's own forward, detached: a forward pass saved (rho = 1 exactly).
-            N, mb = len(answers), args.micro_batch_size
+            N, mb = len(advantages), args.micro_batch_size
+
+            def score(m):  # log-probs of the N responses under model m, micro-batch by micro-batch: (N, T)
+                chunks = [
+                    response_logprobs(m, select(inputs, range(s, min(s + mb, N))), response_ids[s : s + mb], mask[s : s + mb], suppressed, args.temperature)
+                    for s in range(0, N, mb)
+                ]  # fmt: skip
+                return torch.cat(chunks) if chunks else torch.zeros_like(mask)
+
             with torch.no_grad():
-                old_logprobs = None if args.updates_per_step == 1 else torch.cat([
-                    response_logprobs(model, select(inputs, range(s, min(s + mb, N))), response_ids[s : s + mb], mask[s : s + mb], suppressed, args.temperature)
-                    for s in range(0, N, mb)
-                ])  # fmt: skip
-                ref_logprobs = None if ref_model is None else torch.cat([
-                    response_logprobs(ref_model, select(inputs, range(s, min(s + mb, N))), response_ids[s : s + mb], mask[s : s + mb], suppressed, args.temperature)
-                    for s in range(0, N, mb)
-                ])  # fmt: skip
+                old_logprobs = score(model) if args.updates_per_step > 1 else None
+                ref_logprobs = score(ref_model) if ref_model is not None else None
 
             # ALGO LOGIC 4. update: micro-batches with gradient accumulation, then one clipped optimizer step
             for _ in range(args.updates_per_step):
@@ -251,25 +254,24 @@ def main(args: Args):
                     tqdm.write(f"warning: step {step}: non-finite loss or grad norm ({grad_norm}); update skipped")
 
             # 5. log / eval / save
-            grouped = rewards.view(-1, G)
             record = {
                 "step": step,
                 "time": round(time.time() - start_time, 2),
                 "charts/reward_mean": rewards.mean().item(),
                 "charts/reward_std": rewards.std().item(),
                 "charts/accuracy": (rewards == 1.0).float().mean().item(),
-                "charts/response_length": mask.sum(1).mean().item(),
-                "charts/zero_advantage_groups": (grouped.std(1) == 0).float().mean().item(),
+                "charts/response_length": response_lengths.mean().item(),
+                "charts/zero_advantage_groups": zero_advantage_groups,
                 "charts/step_time": round(time.time() - step_start, 3),
-                "charts/tokens_per_second": mask.sum().item() / (time.time() - step_start),
+                "charts/tokens_per_second": response_lengths.sum().item() / (time.time() - step_start),
                 "losses/loss": sum(losses),
-                "losses/kl": sum(kls) / len(kls),
-                "losses/clipfrac": sum(clipfracs) / len(clipfracs),
+                "losses/kl": sum(kls) / max(len(kls), 1),
+                "losses/clipfrac": sum(clipfracs) / max(len(clipfracs), 1),
                 "losses/entropy": sum(entropies),  # -log p of the sampled tokens: a Monte Carlo entropy estimate
                 "losses/grad_norm": grad_norm,
             }
             if step % args.eval_every == 0 or step == args.total_steps:
-                last_accuracy = evaluate(model, processor, eval_examples, reward_fn, args)
+                last_accuracy = evaluate()
                 record["eval/accuracy"] = last_accuracy
             log(record)
             progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_accuracy:.3f}")

@@ -25,7 +25,15 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from common import tasks
-from common.vlm import Qwen2VLImageOnlyProcessor, build_prompts, load_vlm, response_logprobs, response_mask, suppressed_token_ids
+from common.vlm import (
+    Qwen2VLImageOnlyProcessor,
+    build_prompts,
+    greedy_accuracy,
+    load_vlm,
+    response_logprobs,
+    response_mask,
+    suppressed_token_ids,
+)
 
 SPECIAL_TOKENS = [  # Qwen2-VL's, in its order
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -54,7 +62,7 @@ TINY = dict(  # the architecture; changing anything here changes the cache key
                 temporal_patch_size=2),
     image_size=64, vocab_size=512, seed=0,
 )  # fmt: skip
-WARM_START = dict(steps=100, batch_size=32, lr=1e-3)
+WARM_START = dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35)
 
 
 def tokenizer_corpus():
@@ -118,29 +126,34 @@ def build_random_tiny_vlm(out_dir: str):
     processor.save_pretrained(out_dir)
 
 
-def warm_start(model_dir: str, task: str, steps: int, batch_size: int, lr: float, log=print):
-    """Supervised fine-tuning on the task's 'warmstart' split for a few steps; saves in place."""
+def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: float, target_accuracy: float, log=print):
+    """Supervised fine-tuning on the task's 'warmstart' split until greedy accuracy on 200 more warmstart
+    examples (never the held-out set) reaches `target_accuracy`, or `max_steps`; saves in place. Stopping on
+    accuracy rather than a step count makes the starting point the same on every machine."""
     torch.manual_seed(0)
     model, processor = load_vlm(model_dir)
-    examples = tasks.load_task(task, "warmstart", steps * batch_size, image_size=TINY["image_size"])
+    examples = tasks.load_task(task, "warmstart", max_steps * batch_size + 200, image_size=TINY["image_size"])
+    train, validation = examples[:-200], examples[-200:]
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     suppressed = suppressed_token_ids(processor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    for step in range(steps):
-        batch = examples[step * batch_size : (step + 1) * batch_size]
+    for step in range(1, max_steps + 1):
+        batch = train[(step - 1) * batch_size : step * batch_size]
         prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], 4096)
         targets = [f"<answer>{e.answer}</answer><|im_end|>" for e in batch]
         target_ids = tok(targets, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
         target_ids[target_ids == tok.pad_token_id] = eos
         mask = response_mask(target_ids, eos)
-        logprobs = response_logprobs(model, prompts, target_ids, mask, suppressed)
-        loss = -(logprobs.sum() / mask.sum())
+        loss = -response_logprobs(model, prompts, target_ids, mask, suppressed).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 20 == 0 or step == steps - 1:
-            log(f"warm start {step + 1}/{steps}: loss {loss.item():.3f}")
+        if step % 10 == 0:
+            accuracy = greedy_accuracy(model, processor, validation, tasks.reward_fn(task), 8, 4096)
+            log(f"warm start step {step}: loss {loss.item():.3f}, warmstart-validation accuracy {accuracy:.3f}")
+            if accuracy >= target_accuracy:
+                break
     model.save_pretrained(model_dir)
 
 

@@ -134,10 +134,11 @@ def response_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 def select(inputs, indices):
     """Rows `indices` of a processor batch, images included. pixel_values is (patches of all images, D), so
     each sample's block of patch rows is gathered by its image_grid_thw."""
-    indices = torch.as_tensor(list(indices))
+    indices = torch.as_tensor(list(indices), dtype=torch.long)
     out = {k: v[indices] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
     blocks = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
-    out["pixel_values"] = torch.cat([blocks[i] for i in indices.tolist()])
+    rows = [blocks[i] for i in indices.tolist()]
+    out["pixel_values"] = torch.cat(rows) if rows else inputs["pixel_values"][:0]
     out["image_grid_thw"] = inputs["image_grid_thw"][indices]
     return out
 
@@ -154,7 +155,24 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
         zeros = torch.zeros_like(response_ids, dtype=prompts["mm_token_type_ids"].dtype)
         inputs["mm_token_type_ids"] = torch.cat([prompts["mm_token_type_ids"], zeros], dim=1)
     # logits at position i predict token i+1: keep the ones that predict response tokens
-    logits = model(**inputs, use_cache=False).logits[:, prompt_len - 1 : -1].float() / temperature  # (B, T, V)
+    T = response_ids.shape[1]
+    logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (B, T, V)
     logits[..., suppressed_ids] = float("-inf")  # the policy we sampled from never emits these
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
+
+
+@torch.no_grad()
+def greedy_accuracy(model, processor, examples, reward_fn, max_new_tokens: int, max_prompt_tokens: int, batch_size=100):
+    """Fraction of `examples` answered right (reward 1) with greedy decoding."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size]
+        prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], max_prompt_tokens)
+        response_ids = generate(model, processor, prompts.to(model.device), 1, max_new_tokens, 1.0, greedy=True)
+        texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        correct += sum(reward_fn(t, e.answer) == 1.0 for t, e in zip(texts, batch))
+    model.train(was_training)
+    return correct / len(examples)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common import tasks
+from common.tiny_vlm import TINY
 from common.vlm import (
     build_prompts,
     generate,
@@ -64,9 +65,11 @@ def test_load_vlm_on_a_directory_without_a_checkpoint_exits_naming_it(tmp_path):
 def test_prompt_has_one_image_pad_per_merged_patch(tiny_vlm, make_prompts):
     _, processor = tiny_vlm
     batch = make_prompts(QUESTIONS)
-    # a 64x64 image, 8-pixel patches → (64/8)^2 = 64 patches; 2x2 merge → 16 image tokens
-    assert (batch["input_ids"] == ids(processor, "<|image_pad|>")).sum(1).tolist() == [16, 16, 16]
-    assert batch["pixel_values"].shape[0] == 3 * 64
+    # a 64x64 image in p-pixel patches → (64/p)^2 patches; an m x m merge → (64/p)^2 / m^2 image tokens
+    p, m = TINY["vision"]["patch_size"], TINY["vision"]["spatial_merge_size"]
+    patches = (64 // p) ** 2
+    assert (batch["input_ids"] == ids(processor, "<|image_pad|>")).sum(1).tolist() == [patches // m**2] * 3
+    assert batch["pixel_values"].shape[0] == 3 * patches
     assert processor.tokenizer.padding_side == "left"
     assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()
 
