@@ -77,7 +77,12 @@ def tokenizer_corpus():
     return lines
 
 
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    vocab_size: int, corpus: list[str] | None = None, special_tokens: list[str] = SPECIAL_TOKENS,
+    eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>", extra_special_tokens: dict | None = None,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (digits split one by one, as Qwen2's) with a model family's special tokens.
+    `extra_special_tokens` names the multimodal ones for the processor (default: Qwen2-VL's image/video pads)."""
     tok = Tokenizer(models.BPE())
     # Qwen2 style: digits one by one, then byte-level BPE
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -86,14 +91,16 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(ANSWER_TOKENS),
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    tok.train_from_iterator(corpus if corpus is not None else tokenizer_corpus(), trainer)
+    if extra_special_tokens is None:
+        extra_special_tokens = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token, unk_token=None,
+        extra_special_tokens=extra_special_tokens,
         model_max_length=TINY["text"]["max_position_embeddings"],
     )  # fmt: skip
     fast.add_tokens(ANSWER_TOKENS)
