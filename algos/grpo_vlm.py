@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -25,16 +26,21 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common import tasks  # noqa: E402
+from common.optim import make_optimizer, memory_plan  # noqa: E402
+from common.rollout import make_rollout_engine  # noqa: E402
 from common.tiny_vlm import tiny_model_dir  # noqa: E402
 from common.vlm import (  # noqa: E402
+    box_frame,
     build_prompts,
     generate,
-    greedy_accuracy,
+    greedy_rewards,
     load_vlm,
     response_logprobs,
     response_mask,
     select,
+    stop_token_id,
     suppressed_token_ids,
+    vision_tower,
 )
 
 
@@ -57,7 +63,8 @@ class Args:
 
     # Task and model
     task: str = "counting"
-    """which task: counting"""
+    """which task: counting, math (sum of drawn numbers; Geometry3K with --dataset) or grounding (box of a
+    described object; RefCOCO with --dataset)"""
     dataset: str | None = None
     """a real dataset (hub id or local dir) in the task's schema; default: the task's offline synthetic twin"""
     model: str = "tiny"
@@ -68,6 +75,31 @@ class Args:
     """number of training examples to sample prompts from"""
     eval_size: int = 200
     """number of held-out examples for eval/accuracy (greedy decoding)"""
+    min_pixels: int | None = None
+    """Qwen-VL: smallest image area in pixels after the processor's resize (default: the checkpoint's own)"""
+    max_pixels: int | None = None
+    """Qwen-VL: largest image area in pixels after the processor's resize; fewer pixels = fewer image tokens
+    (default: the checkpoint's own)"""
+
+    # Memory and parameter-efficiency
+    lora: bool = False
+    """train LoRA adapters (peft) on the language model's linear layers instead of all weights; the reference
+    policy is then the same model with its adapters disabled (no second copy in memory)"""
+    lora_rank: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update B·A is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input while training (0 keeps the trained policy equal to the sampled one)"""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """names of the linear layers that get adapters (Qwen-style names), never inside the vision tower"""
+    lora_merge: bool = False
+    """with --lora, also save the merged full model (base + adapters) to <run>/model; the adapter goes to <run>/adapter"""
+    gradient_checkpointing: bool = False
+    """keep only each layer's input in the forward pass and recompute the layer in backward: less activation
+    memory for one more forward pass"""
+    freeze_vision_tower: bool = False
+    """do not train the vision encoder (its weights stay exactly as loaded, and it gets no optimizer state)"""
 
     # Algorithm specific arguments
     total_steps: int = 450
@@ -76,8 +108,8 @@ class Args:
     """prompts per step (B); each gets group_size responses"""
     group_size: int = 8
     """responses per prompt (G); the group mean is the baseline, so at least 2"""
-    max_new_tokens: int = 8
-    """response length limit in tokens"""
+    max_new_tokens: int | None = None
+    """response length limit in tokens (default: enough for the synthetic task's answer: 8, or 24 for grounding)"""
     max_prompt_tokens: int = 512
     """longest prompt allowed, image tokens included (never truncated: too long is an error)"""
     temperature: float = 1.0
@@ -100,9 +132,16 @@ class Args:
     """leave groups whose rewards are all equal out of the update (their advantage is 0; only their KL term
     would remain): saves their forward and backward passes, as DAPO's dynamic sampling does (arXiv 2503.14476)"""
     format_reward: float = 0.0
-    """reward for a well-formed but wrong answer (accuracy is 1.0)"""
+    """reward for a well-formed but wrong answer (a right one earns 1.0; grounding earns its IoU)"""
     eval_every: int = 25
     """evaluate on the held-out set every this many steps"""
+    optimizer: str = "adamw"
+    """adamw (torch), adamw8bit (bitsandbytes' 8-bit moments, on the weights' device) or adamw8bit-offload (8-bit
+    moments and an fp32 copy of the weights on the CPU; the device keeps only weights and gradients)"""
+    rollout_engine: str = "auto"
+    """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, sleeping while
+    it trains; common/rollout.py) or auto (vLLM when it is installed and runs this model in-process, else HF
+    generate); one printed line says which"""
 
 
 # ALGO LOGIC: the heart of GRPO, pure functions (tests/test_grpo_math.py pins them)
@@ -144,6 +183,9 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
 def main(args: Args):
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more")
+    if args.task not in tasks.TASKS:
+        raise SystemExit(f"unknown task '{args.task}'; choose one of: {', '.join(tasks.TASKS)}")
+    args.max_new_tokens = args.max_new_tokens or tasks.MAX_NEW_TOKENS[args.task]
     if args.dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"--dtype {args.dtype}: choose float32 or bfloat16")
     start_time = time.time()  # the logged "time" counts from here, so it includes a first-run model build
@@ -156,16 +198,41 @@ def main(args: Args):
     device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
 
     # Setup: task data, actor (the policy we train), reference (frozen KL anchor), optimizer
-    reward_fn = tasks.reward_fn(args.task)
     train_examples = tasks.load_task(args.task, "train", args.train_size, args.dataset)
     eval_examples = tasks.load_task(args.task, "eval", args.eval_size, args.dataset)
     model_path = tiny_model_dir(args.task) if args.model == "tiny" else args.model
     dtype = getattr(torch, args.dtype)
-    model, processor = load_vlm(model_path, dtype, device)
+    model, processor = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)
+    # Memory and parameter-efficiency (README: "Memory and parameter-efficiency flags")
+    if args.lora_merge and not args.lora:
+        raise SystemExit("--lora-merge merges LoRA adapters into the model: add --lora")
+    if args.freeze_vision_tower:  # the image encoder keeps its loaded weights; gradients stop at its output
+        vision_tower(model)[1].requires_grad_(False)
+    # each layer keeps only its input and is recomputed during backward; non-reentrant checkpointing also passes
+    # gradients to LoRA adapters behind frozen layers (transformers calls enable_input_require_grads anyway)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora:  # W x + (alpha / r) B A x on the chosen linears; every base weight is frozen
+        from peft import LoraConfig, get_peft_model  # imported only when used: importing peft is slow
+
+        lora_config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=list(args.lora_target_modules),
+            # the language model only: some vision towers reuse these names (Qwen2.5-VL's MLP, SigLIP's q_proj)
+            exclude_modules=re.escape(vision_tower(model)[0]) + r"\..*",
+        )
+        model = get_peft_model(model, lora_config)
     model.train()
-    ref_model = load_vlm(model_path, dtype, device)[0].eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    eos_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # the reference (frozen KL anchor) is the initial policy; with LoRA that is the same model, adapters disabled
+    ref_model = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False) if args.beta > 0 and not args.lora else None
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; frozen tower: not its weights
+    optimizer = make_optimizer(args.optimizer, trainable, lr=args.lr)
+    rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, dtype, args.seed, args.max_prompt_tokens + args.max_new_tokens)
+    print(memory_plan(model, optimizer, ref_model))
+    reward_fn = tasks.reward_fn(args.task, box_frame(model, processor))  # grounding: boxes in the family's frame
+    eos_id = stop_token_id(processor)  # the family's end-of-turn token
     suppressed = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
 
     os.makedirs(run_dir, exist_ok=True)
@@ -181,11 +248,12 @@ def main(args: Args):
         if args.track:
             wandb.log(record, step=record["step"])
 
-    def evaluate():  # held-out accuracy, greedy decoding
-        return greedy_accuracy(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
+    def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding)
+        rewards = greedy_rewards(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
+        return tasks.summarize(args.task, rewards, "eval")
 
-    first_accuracy = last_accuracy = evaluate()
-    log({"step": 0, "eval/accuracy": first_accuracy, "time": round(time.time() - start_time, 2)})
+    first_eval = last_eval = evaluate()
+    log({"step": 0, **first_eval, "time": round(time.time() - start_time, 2)})
     progress = tqdm(range(1, args.total_steps + 1), desc="grpo", dynamic_ncols=True)
     step = 0
     try:
@@ -200,7 +268,10 @@ def main(args: Args):
 
             # ALGO LOGIC 1. rollout: G samples per prompt, ordered p0 x G, p1 x G, ...
             model.eval()
-            response_ids = generate(model, processor, prompts, G, args.max_new_tokens, args.temperature, greedy=False)
+            if rollout_engine is None:  # HF generate
+                response_ids = generate(model, processor, prompts, G, args.max_new_tokens, args.temperature, greedy=False)
+            else:  # vLLM: wake, push the current weights, sample, sleep
+                response_ids = rollout_engine.generate(model, prompts, [e.image for e in batch], G, args.max_new_tokens, args.temperature, greedy=False)
             model.train()
             mask = response_mask(response_ids, eos_id)  # (B*G, T)
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
@@ -233,6 +304,9 @@ def main(args: Args):
             with torch.no_grad():
                 old_logprobs = score(model) if args.updates_per_step > 1 else None
                 ref_logprobs = score(ref_model) if ref_model is not None else None
+                if args.lora and args.beta > 0:
+                    with model.disable_adapter():  # the reference: base weights only, exactly the initial policy
+                        ref_logprobs = score(model)
 
             # ALGO LOGIC 4. update: micro-batches with gradient accumulation, then one clipped optimizer step
             for _ in range(args.updates_per_step):
@@ -252,6 +326,7 @@ def main(args: Args):
                     optimizer.step()
                 else:
                     tqdm.write(f"warning: step {step}: non-finite loss or grad norm ({grad_norm}); update skipped")
+            optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
 
             # 5. log / eval / save
             record = {
@@ -259,7 +334,7 @@ def main(args: Args):
                 "time": round(time.time() - start_time, 2),
                 "charts/reward_mean": rewards.mean().item(),
                 "charts/reward_std": rewards.std().item(),
-                "charts/accuracy": (rewards == 1.0).float().mean().item(),
+                **tasks.summarize(args.task, rewards.tolist(), "charts"),  # charts/accuracy (+ charts/iou)
                 "charts/response_length": response_lengths.mean().item(),
                 "charts/zero_advantage_groups": zero_advantage_groups,
                 "charts/step_time": round(time.time() - step_start, 3),
@@ -271,16 +346,23 @@ def main(args: Args):
                 "losses/grad_norm": grad_norm,
             }
             if step % args.eval_every == 0 or step == args.total_steps:
-                last_accuracy = evaluate()
-                record["eval/accuracy"] = last_accuracy
+                last_eval = evaluate()
+                record.update(last_eval)
             log(record)
-            progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_accuracy:.3f}")
+            progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_eval['eval/accuracy']:.3f}")
     except KeyboardInterrupt:
         tqdm.write(f"interrupted at step {step}: saving what was trained so far")
-    model.save_pretrained(os.path.join(run_dir, "model"))
-    processor.save_pretrained(os.path.join(run_dir, "model"))
+    if args.lora:  # the adapter alone (megabytes): PeftModel.from_pretrained(base model, <run>/adapter) loads it
+        model.save_pretrained(os.path.join(run_dir, "adapter"))
+        processor.save_pretrained(os.path.join(run_dir, "adapter"))
+        if args.lora_merge:  # W + (alpha / r) B A folded into each weight: a plain checkpoint, no peft needed
+            model = model.merge_and_unload()
+    if not args.lora or args.lora_merge:  # loads with AutoModelForImageTextToText.from_pretrained(<run>/model)
+        model.save_pretrained(os.path.join(run_dir, "model"))
+        processor.save_pretrained(os.path.join(run_dir, "model"))
     metrics_file.close()
-    print(f"eval/accuracy {first_accuracy:.3f} → {last_accuracy:.3f} in {time.time() - start_time:.0f}s; model and metrics in {run_dir}")
+    change = ", ".join(f"{k} {first_eval[k]:.3f} → {last_eval[k]:.3f}" for k in first_eval)
+    print(f"{change} in {time.time() - start_time:.0f}s; model and metrics in {run_dir}")
     if args.track:
         wandb.finish()
 

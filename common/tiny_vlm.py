@@ -4,13 +4,13 @@ checkpoint.
 
 `--model tiny` resolves to a directory under the cache (`$VLRL_CACHE`, default `~/.cache/vlrl`) that this
 module builds deterministically on first use:
-  1. a byte-level BPE tokenizer trained with `tokenizers` on the tasks' prompt text, carrying Qwen2-VL's
-     special tokens and chat template;
+  1. a byte-level BPE tokenizer trained with `tokenizers` on the task's prompt text, carrying Qwen2-VL's
+     special tokens and a chat template without the default system message;
   2. a randomly initialised `Qwen2VLForConditionalGeneration` (text: 4 layers × 128; vision: 2 blocks × 64,
-     8-pixel patches, 2×2 merge → a 64×64 image is 16 image tokens);
+     16-pixel patches, no merge → a 64×64 image is 16 image tokens);
   3. a short supervised warm start (`warm_start`) on the task's own 'warmstart' split, disjoint from the
-     train and held-out seeds. It teaches the answer format and is stopped early, while held-out accuracy
-     is still low, so that what RL adds is measured from there.
+     train and held-out seeds. It teaches the answer format and is stopped early, while accuracy is still
+     low, so that what RL adds is measured from there.
 """
 
 import hashlib
@@ -28,7 +28,7 @@ from common import tasks
 from common.vlm import (
     Qwen2VLImageOnlyProcessor,
     build_prompts,
-    greedy_accuracy,
+    greedy_rewards,
     load_vlm,
     response_logprobs,
     response_mask,
@@ -62,13 +62,23 @@ TINY = dict(  # the architecture; changing anything here changes the cache key
                 temporal_patch_size=2),
     image_size=64, vocab_size=512, seed=0,
 )  # fmt: skip
-WARM_START = dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35)
+WARM_START = {  # per task: supervised steps until accuracy on the warm-start validation set reaches the target
+    "counting": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
+    "math": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
+    "grounding": dict(max_steps=600, batch_size=32, lr=1e-3, target_accuracy=0.30),
+}
 
 
-def tokenizer_corpus():
-    """Text the tiny tokenizer is trained on: the chat frame, the tasks' prompts and answers, digits."""
-    lines = ["You are a helpful assistant.", "system", "user", "assistant", tasks.ANSWER_FORMAT, tasks.COUNTING_QUESTION]
-    lines += [f"<answer>{n}</answer>" for n in range(100)]
+def tokenizer_corpus(task: str = "counting"):
+    """Text the tiny tokenizer is trained on: the chat frame, the task's prompts and answers, digits."""
+    lines = ["You are a helpful assistant.", "system", "user", "assistant"]
+    if task == "counting":
+        lines += [tasks.ANSWER_FORMAT, tasks.COUNTING_QUESTION] + [f"<answer>{n}</answer>" for n in range(100)]
+    elif task == "math":
+        lines += [tasks.BOXED_FORMAT, tasks.MATH_QUESTION] + [f"\\boxed{{{n}}}" for n in range(100)]
+    else:
+        lines += [tasks.BOX_FORMAT] + [e.question for e in tasks.load_task(task, "warmstart", 100)]
+        lines += [tasks.ideal_response(task, e) for e in tasks.load_task(task, "warmstart", 100)]
     lines += [" ".join(map(str, range(n, n + 10))) for n in range(0, 1000, 7)]
     words = "the a an of in on is are how many what which where shape shapes object objects image picture colour color"
     words += " red blue green yellow circle square triangle small large left right top bottom answer number count"
@@ -107,9 +117,9 @@ def train_tokenizer(
     return fast
 
 
-def build_random_tiny_vlm(out_dir: str):
+def build_random_tiny_vlm(out_dir: str, task: str = "counting"):
     """Tokenizer + processor + randomly initialised Qwen2-VL, saved with save_pretrained. Deterministic."""
-    tokenizer = train_tokenizer(TINY["vocab_size"])
+    tokenizer = train_tokenizer(TINY["vocab_size"], tokenizer_corpus(task))
     size = TINY["image_size"]
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=TINY["vision"]["patch_size"], merge_size=TINY["vision"]["spatial_merge_size"],
@@ -142,13 +152,13 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
     examples = tasks.load_task(task, "warmstart", max_steps * batch_size + 200, image_size=TINY["image_size"])
     train, validation = examples[:-200], examples[-200:]
     tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = tok.eos_token_id  # the stop token, as common.vlm.stop_token_id
     suppressed = suppressed_token_ids(processor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for step in range(1, max_steps + 1):
         batch = train[(step - 1) * batch_size : step * batch_size]
         prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], 4096)
-        targets = [f"<answer>{e.answer}</answer><|im_end|>" for e in batch]
+        targets = [tasks.ideal_response(task, e) + tok.eos_token for e in batch]
         target_ids = tok(targets, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
         target_ids[target_ids == tok.pad_token_id] = eos
         mask = response_mask(target_ids, eos)
@@ -157,8 +167,10 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
         loss.backward()
         optimizer.step()
         if step % 10 == 0:
-            accuracy = greedy_accuracy(model, processor, validation, tasks.reward_fn(task), 8, 4096)
-            log(f"warm start step {step}: loss {loss.item():.3f}, warmstart-validation accuracy {accuracy:.3f}")
+            rewards = greedy_rewards(model, processor, validation, tasks.reward_fn(task), tasks.MAX_NEW_TOKENS[task], 4096)
+            metrics = tasks.summarize(task, rewards, "warmstart-validation")
+            log(f"warm start step {step}: loss {loss.item():.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            accuracy = metrics["warmstart-validation/accuracy"]
             if accuracy >= target_accuracy:
                 break
     model.save_pretrained(model_dir)
@@ -166,7 +178,8 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
 
 def tiny_model_dir(task: str) -> str:
     """Path of the embedded tiny VLM warm-started for `task`; built on first use, then cached."""
-    key = hashlib.sha256(json.dumps([TINY, WARM_START, task, CHAT_TEMPLATE], sort_keys=True).encode()).hexdigest()[:10]
+    recipe = [TINY, WARM_START[task], task, CHAT_TEMPLATE, tokenizer_corpus(task)]
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     cache = os.environ.get("VLRL_CACHE", os.path.expanduser("~/.cache/vlrl"))
     path = os.path.join(cache, f"tiny-qwen2-vl-{task}-{key}")
     if os.path.exists(os.path.join(path, "DONE")):
@@ -174,8 +187,8 @@ def tiny_model_dir(task: str) -> str:
     t0 = time.time()
     print(f"building the embedded tiny VLM for '{task}' in {path} (once; cached afterwards)")
     tmp = f"{path}.tmp{os.getpid()}"  # build aside, then rename: an interrupted build leaves no half model
-    build_random_tiny_vlm(tmp)
-    warm_start(tmp, task, **WARM_START)
+    build_random_tiny_vlm(tmp, task)
+    warm_start(tmp, task, **WARM_START[task])
     open(os.path.join(tmp, "DONE"), "w").write(f"built in {time.time() - t0:.1f}s\n")
     os.makedirs(cache, exist_ok=True)
     try:

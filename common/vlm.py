@@ -6,61 +6,81 @@ checkpoint. What the training scripts need from a model is three things: a batch
 (`build_prompts`), sampled responses (`generate`), and per-token log-probs of responses (`response_logprobs`).
 """
 
-import json
+import inspect
 import os
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+import transformers
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without the video processor.
+def image_only_processor_class(model_type: str):
+    """The processor class of `model_type` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) without its video processor.
 
-    transformers' Qwen2-VL video processor needs torchvision, which has no CPU wheel matching our torch; the
-    image path (resize, patching, `<|image_pad|>` expansion, `mm_token_type_ids`) is the parent's, unchanged.
-    """
+    These processors require a video processor, and transformers' video processors need torchvision, which has
+    no CPU wheel matching our torch. The image path (resize, patching, `<|image_pad|>` expansion,
+    `mm_token_type_ids`) is the parent's, unchanged. The subclass keeps the parent's name, so save_pretrained
+    records the parent as `processor_class` and the checkpoint loads anywhere (with video where torchvision is)."""
+    parent = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    if "video_processor" not in inspect.signature(parent.__init__).parameters:
+        raise ValueError(f"{parent.__name__} has no video processor to leave out")
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+        parent.__init__(self, image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
-    def save_pretrained(self, save_directory, **kwargs):
-        """Saved as a plain Qwen2VLProcessor, so the checkpoint loads anywhere (with video support where
-        torchvision is present)."""
-        out = super().save_pretrained(save_directory, **kwargs)
-        for name in ("processor_config.json", "tokenizer_config.json"):
-            path = os.path.join(save_directory, name)
-            if os.path.exists(path):
-                config = json.load(open(path))
-                config["processor_class"] = "Qwen2VLProcessor"
-                json.dump(config, open(path, "w"), indent=2)
-        return out
+    return type(parent.__name__, (parent,), {"__init__": __init__, "__doc__": f"{parent.__name__}, images only."})
 
 
-def load_processor(path: str):
+Qwen2VLImageOnlyProcessor = image_only_processor_class("qwen2_vl")  # the embedded tiny model's (common/tiny_vlm.py)
+
+
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (ImportError, OSError, ValueError) as e:
         if "video" not in str(e).lower() and "torchvision" not in str(e).lower():
             raise
-        from transformers import AutoConfig
-
-        if AutoConfig.from_pretrained(path).model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
             raise SystemExit(f"cannot load the processor of '{path}' without torchvision: pip install torchvision")
-        print("note: torchvision is missing, using Qwen2-VL's processor without video support")
-        processor = Qwen2VLImageOnlyProcessor.from_pretrained(path)
+        print(f"note: torchvision is missing, using the {model_type} processor without video support")
+        processor = image_only_processor_class(model_type).from_pretrained(path)
     if not hasattr(processor, "image_processor"):
         raise SystemExit(f"'{path}' has no image processor: pass a vision-language checkpoint")
     processor.tokenizer.padding_side = "left"  # generation appends on the right
+    set_image_size_limits(processor, min_pixels, max_pixels)
     return processor
 
 
-def load_vlm(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, processor) from a hub id or a local directory."""
+def set_image_size_limits(processor, min_pixels: int | None, max_pixels: int | None):
+    """--min-pixels / --max-pixels: the Qwen-VL image processors resize each image, keeping its aspect ratio, to
+    sides that are multiples of patch_size * merge_size and an area within [min_pixels, max_pixels]; fewer
+    pixels = fewer image tokens. None keeps the checkpoint's own bound. transformers 5.x stores the bounds as
+    `size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}` (areas, despite the names)."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    if not hasattr(image_processor, "merge_size"):  # Idefics3/SmolVLM size images by their longest edge instead
+        raise SystemExit(
+            f"--min-pixels/--max-pixels apply to Qwen-VL processors; {type(image_processor).__name__} sizes images "
+            "by their longest edge ('size' and 'max_image_size' in the checkpoint's preprocessor_config.json)"
+        )
+    size = dict(image_processor.size)
+    size["shortest_edge"] = min_pixels if min_pixels is not None else size["shortest_edge"]
+    size["longest_edge"] = max_pixels if max_pixels is not None else size["longest_edge"]
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise SystemExit(f"--min-pixels {size['shortest_edge']} > --max-pixels {size['longest_edge']}: lower one of them")
+    image_processor.size = size
+
+
+def load_vlm(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels=None, max_pixels=None):
+    """(model, processor) from a hub id or a local directory. min_pixels/max_pixels: see set_image_size_limits."""
     if os.path.sep in model and not os.path.isdir(model):
         raise SystemExit(f"--model '{model}' is not a directory; pass an existing checkpoint dir or a hub id")
     try:
-        processor = load_processor(model)
+        processor = load_processor(model, min_pixels, max_pixels)
         vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise SystemExit(
@@ -70,6 +90,62 @@ def load_vlm(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
     return vlm, processor
 
 
+def stop_token_id(processor) -> int:
+    """The token that ends a response: the tokenizer's EOS, which chat checkpoints set to their end-of-turn token
+    (`<|im_end|>` in Qwen2-VL, Qwen2.5-VL and Qwen3-VL Instruct, `<end_of_utterance>` in SmolVLM-Instruct).
+    Generation stops on it, what follows it is masked, and it is never suppressed."""
+    return processor.tokenizer.eos_token_id
+
+
+def box_convention(model_type: str) -> str:
+    """How a family writes box coordinates: "norm1000" (0-1000 relative to the image's width and height) or
+    "pixels" (absolute pixels of the resized model input, see model_input_size). Checked 2026-11 in the
+    QwenLM/Qwen3-VL (formerly Qwen2.5-VL) issue tracker:
+    - qwen2_vl: 0-1000, `<|box_start|>(x1,y1),(x2,y2)<|box_end|>` (#189, #1485).
+    - qwen2_5_vl: absolute pixels of the image as finally input to the model, i.e. after the processor's resize
+      (Qwen team member ShuaiBai623 in #940 and #957).
+    - qwen3_vl: 0-1000 again. The Qwen3-VL cookbook: "Qwen3-VL's default coordinate system has been changed from
+      the absolute coordinates used in Qwen2.5-VL to relative coordinates ranging from 0 to 1000" (quoted in
+      #1741; its code maps back with bbox_2d / 1000 * width, quoted in #1623).
+    - idefics3 (SmolVLM): no native grounding format; norm1000 is our choice (most VLMs' convention)."""
+    if model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3"):
+        raise SystemExit(f"no box convention known for model type '{model_type}'; add it to common/vlm.py box_convention")
+    return "pixels" if model_type == "qwen2_5_vl" else "norm1000"
+
+
+def box_frame(model, processor):
+    """A function (width, height) -> the extent of the frame this model writes box coordinates in, for an original
+    image of that size: (1000, 1000) for 0-1000 families, the resized input's (w, h) for absolute-pixel ones.
+    The grounding reward maps a predicted x back to the original image as x * width / frame_width."""
+    model_type = model.config.model_type
+
+    def frame(width: int, height: int):
+        if box_convention(model_type) == "norm1000":
+            return 1000, 1000
+        return model_input_size(processor, width, height)
+
+    return frame
+
+
+def model_input_size(processor, width: int, height: int) -> tuple[int, int]:
+    """(width, height) of a width x height image as the model sees it, after the processor's resize.
+
+    Qwen-VL: `smart_resize` to multiples of patch_size * merge_size with an area in [min_pixels, max_pixels].
+    Idefics3/SmolVLM: the longest edge scaled to size["longest_edge"], then each side rounded up to whole crops of
+    max_image_size (the crops tile that image; the extra global view is the whole image squeezed to one crop)."""
+    image_processor = processor.image_processor
+    if hasattr(image_processor, "merge_size"):
+        factor = image_processor.patch_size * image_processor.merge_size
+        size = image_processor.size
+        h, w = smart_resize(height, width, factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return w, h
+    if hasattr(image_processor, "max_image_size"):
+        crop = image_processor.max_image_size["longest_edge"]
+        _, rows, cols = image_processor.get_number_of_image_patches(height, width, {})
+        return (cols * crop, rows * crop) if rows else (crop, crop)  # (0, 0) crops: fits one crop, resized to it
+    raise SystemExit(f"model_input_size does not know {type(image_processor).__name__}; add it to common/vlm.py")
+
+
 def suppressed_token_ids(processor) -> list[int]:
     """Special tokens a response must never contain (image/video pads, vision markers, ...), all but EOS.
 
@@ -77,9 +153,8 @@ def suppressed_token_ids(processor) -> list[int]:
     image tokens without an image. The same ids are masked when scoring, so the policy we train is the
     policy we sample from."""
     tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    return sorted(special - {eos})
+    return sorted(special - {stop_token_id(processor)})
 
 
 def build_prompts(processor, images, questions, max_prompt_tokens: int):
@@ -108,7 +183,7 @@ def generate(model, processor, prompts, num_samples: int, max_new_tokens: int, t
 
     Sampling is over the full distribution (top_k=0, top_p=1): the loss assumes the sampling policy is the
     model's softmax(logits / temperature) with `suppressed_token_ids` removed, nothing else."""
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = stop_token_id(processor)
     out = model.generate(
         **prompts,
         do_sample=not greedy,
@@ -132,9 +207,15 @@ def response_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def select(inputs, indices):
-    """Rows `indices` of a processor batch, images included. pixel_values is (patches of all images, D), so
-    each sample's block of patch rows is gathered by its image_grid_thw."""
+    """Rows `indices` of a processor batch, images included. The image layouts:
+    - Qwen-VL: pixel_values (patches of all images, D) + image_grid_thw (B, 3): each sample's block of patch rows
+      is gathered by its grid;
+    - Idefics3/SmolVLM: pixel_values (B, crops, C, H, W) + pixel_attention_mask (B, crops, H, W), zero-padded to
+      the batch's most crops (the model drops all-zero crops), and Gemma 3-like (B, C, H, W): row i is sample i's,
+      like every other key."""
     indices = torch.as_tensor(list(indices), dtype=torch.long)
+    if "image_grid_thw" not in inputs:
+        return {k: v[indices] for k, v in inputs.items()}
     out = {k: v[indices] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
     blocks = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
     rows = [blocks[i] for i in indices.tolist()]
@@ -147,13 +228,22 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     """log π(response token | image, prompt, earlier tokens) for every response position, in one forward pass
     over prompt + response. prompts: (B, P) left-padded batch with image inputs; response_ids, mask: (B, T).
     Returns (B, T); positions where mask == 0 hold 0."""
-    prompt_len = prompts["input_ids"].shape[1]
     inputs = dict(prompts)
     inputs["input_ids"] = torch.cat([prompts["input_ids"], response_ids], dim=1)
     inputs["attention_mask"] = torch.cat([prompts["attention_mask"], mask.to(prompts["attention_mask"].dtype)], 1)
-    if "mm_token_type_ids" in prompts:  # response tokens are text (type 0)
-        zeros = torch.zeros_like(response_ids, dtype=prompts["mm_token_type_ids"].dtype)
-        inputs["mm_token_type_ids"] = torch.cat([prompts["mm_token_type_ids"], zeros], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # per-token modality (Qwen-VL M-RoPE, Gemma 3's image
+        if key in prompts:  # attention): response tokens are text, type 0
+            zeros = torch.zeros_like(response_ids, dtype=prompts[key].dtype)
+            inputs[key] = torch.cat([prompts[key], zeros], dim=1)
+    # Rotary positions. Qwen-VL's M-RoPE derives 3-D positions from input_ids, mm_token_type_ids, image_grid_thw
+    # and the attention mask, and `generate` caches its batch's offsets (`rope_deltas`) on the model for the
+    # decoding steps. transformers 5.19 recomputes them for a forward without cache (modeling_qwen2_vl.py,
+    # compute_3d_position_ids); we clear them anyway, so the last rollout batch's offsets cannot leak into this
+    # forward whatever that rule becomes. 1-D RoPE (Idefics3/SmolVLM) needs nothing: the forward numbers left
+    # padding too, generate does not, and a constant shift of every position leaves RoPE attention unchanged.
+    for module in model.modules():
+        if hasattr(module, "rope_deltas"):
+            module.rope_deltas = None
     # logits at position i predict token i+1: keep the ones that predict response tokens
     T = response_ids.shape[1]
     logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (B, T, V)
@@ -163,16 +253,32 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
 
 
 @torch.no_grad()
-def greedy_accuracy(model, processor, examples, reward_fn, max_new_tokens: int, max_prompt_tokens: int, batch_size=100):
-    """Fraction of `examples` answered right (reward 1) with greedy decoding."""
+def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, max_prompt_tokens: int, batch_size=100):
+    """The reward of each example's greedy response (evaluation: no sampling noise, no format bonus)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    rewards = []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
         prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], max_prompt_tokens)
         response_ids = generate(model, processor, prompts.to(model.device), 1, max_new_tokens, 1.0, greedy=True)
         texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        correct += sum(reward_fn(t, e.answer) == 1.0 for t, e in zip(texts, batch))
+        rewards += [reward_fn(t, e.answer) for t, e in zip(texts, batch)]
     model.train(was_training)
-    return correct / len(examples)
+    return rewards
+
+
+# Where each family keeps its vision encoder (transformers attribute names): Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+# `model.model.visual` (its patch merger, the projector, lives inside it); Gemma 3, LLaVA, LLaVA-OneVision
+# `model.model.vision_tower`; Idefics3, SmolVLM `model.model.vision_model` (their projectors, Gemma 3's
+# `multi_modal_projector` and Idefics3's `connector`, sit outside the tower). Add a family's name here.
+VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")
+
+
+def vision_tower(model) -> tuple[str, torch.nn.Module]:
+    """(dotted name, module) of the vision encoder, e.g. ("model.visual", ...): the first module, outermost
+    first, whose attribute name is in VISION_TOWER_NAMES. Works on a peft-wrapped model too."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in VISION_TOWER_NAMES:
+            return name, module
+    raise SystemExit(f"no vision tower ({', '.join(VISION_TOWER_NAMES)}) in {type(model).__name__}: add its name to common/vlm.py")

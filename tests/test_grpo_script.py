@@ -70,6 +70,21 @@ def test_several_updates_per_rollout_in_micro_batches_without_reference_model(re
     check_metrics(run_dir, steps=1)
 
 
+@pytest.mark.parametrize("task, extra_keys", [("math", []), ("grounding", ["charts/iou", "eval/iou"])])
+def test_other_tasks_run_one_step_and_log_their_metrics(repo_root, tiny_model_dir, tmp_path, task, extra_keys):
+    flags = ["--task", task, "--total-steps", "1", "--eval-size", "4", "--train-size", "8", "--prompts-per-step", "2"]
+    flags += ["--group-size", "2", "--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir]
+    result = run_grpo(repo_root, tmp_path, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    check_metrics(run_dir, steps=1)
+    first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in extra_keys:
+        assert 0.0 <= (first | last)[key] <= 1.0, key
+    if task == "grounding":  # the task's default budget fits a box: 24 tokens (a random model rarely stops early)
+        assert 8 < last["charts/response_length"] <= 24
+
+
 def test_smoke_run_saves_a_model_that_reloads(smoke):
     _, run_dir, _ = smoke
     assert (run_dir / "model" / "config.json").exists() and (run_dir / "model" / "model.safetensors").exists()

@@ -1,7 +1,8 @@
-"""Counting data: deterministic, held out, honest (the answer is the visible object count), and the real-dataset
-path in the BUAADreamer/clevr_count_70k schema."""
+"""Task data: deterministic, held out, honest (the answer is what the image shows), and the real-dataset paths
+in the schemas of BUAADreamer/clevr_count_70k, hiyouga/geometry3k and lmms-lab/RefCOCO."""
 
 import collections
+import json
 import math
 
 import datasets
@@ -11,17 +12,19 @@ from PIL import Image
 from common import tasks
 
 
-def test_same_split_and_size_give_identical_examples():
-    a, b = tasks.load_task("counting", "train", 30), tasks.load_task("counting", "train", 30)
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_same_split_and_size_give_identical_examples(task):
+    a, b = tasks.load_task(task, "train", 30), tasks.load_task(task, "train", 30)
     assert [e.image.tobytes() for e in a] == [e.image.tobytes() for e in b]
     assert [(e.question, e.answer) for e in a] == [(e.question, e.answer) for e in b]
     assert len({e.image.tobytes() for e in a}) > 25  # and they are not one image repeated
 
 
+@pytest.mark.parametrize("task", tasks.TASKS)
 @pytest.mark.parametrize("trained_split, n_trained", [("train", 2000), ("warmstart", 2000)])
-def test_no_eval_image_appears_in_a_split_the_model_learns_from(trained_split, n_trained):
-    trained = {e.image.tobytes() for e in tasks.load_task("counting", trained_split, n_trained)}
-    evals = tasks.load_task("counting", "eval", 500)
+def test_no_eval_image_appears_in_a_split_the_model_learns_from(task, trained_split, n_trained):
+    trained = {e.image.tobytes() for e in tasks.load_task(task, trained_split, n_trained)}
+    evals = tasks.load_task(task, "eval", 500)
     leaked = [i for i, e in enumerate(evals) if e.image.tobytes() in trained]
     assert leaked == [], f"eval examples {leaked} (answers {[evals[i].answer for i in leaked]}) are {trained_split} images"
 
@@ -69,6 +72,53 @@ def test_both_layouts_keep_objects_separate_and_inside(cell):
     spec = tasks.SceneSpec(image_size=64, min_count=1, max_count=5, cell=cell)
     for seed in range(300):
         assert_separate_and_inside(tasks.draw_scene(seed, spec)[1], 64)
+
+
+def test_math_answer_is_the_sum_of_the_numbers_drawn():
+    examples = tasks.load_task("math", "eval", 300)
+    for e in examples:
+        image, numbers = tasks.draw_numbers(e.seed)
+        assert image.tobytes() == e.image.tobytes() and e.answer == str(sum(numbers))
+    sums = collections.Counter(e.answer for e in examples)
+    assert len(sums) == 2 * tasks.MAX_ADDEND - 1, sums  # every sum occurs
+    assert max(sums.values()) / len(examples) <= 0.3, sums  # a constant guess scores low
+
+
+def test_math_numbers_are_drawn_inside_their_own_half():
+    for seed in range(200):
+        image, _ = tasks.draw_numbers(seed)
+        ink = [(x, y) for x in range(64) for y in range(64) if image.getpixel((x, y)) != (128, 128, 128)]
+        left, right = [x for x, _ in ink if x < 32], [x for x, _ in ink if x >= 32]
+        assert len(left) > 20 and len(right) > 20, seed  # both numbers visible, neither spills into the other half
+
+
+def test_grounding_answer_is_the_box_of_the_one_object_named():
+    examples = tasks.load_task("grounding", "eval", 300)
+    centres = set()
+    for e in examples:
+        image, objects = tasks.draw_scene(e.seed, tasks.GROUNDING_SCENE)
+        assert image.tobytes() == e.image.tobytes()
+        named = [o for o in objects if f"the {o[1]} {o[0]}." in e.question]
+        assert len(named) == 1, (e.question, objects)  # the description picks out exactly one object
+        shape, colour, r, x, y = named[0]
+        truth = json.loads(e.answer)
+        assert truth["image_size"] == [64, 64]
+        assert truth["box"] == pytest.approx([x - r, y - r, x + r, y + r], abs=0.01)
+        centres.add((round(x) // 16, round(y) // 16))
+    assert len(centres) >= 12  # targets are all over the image
+
+
+def test_grounding_scenes_follow_their_spec_with_distinct_colours_and_shaded_cells():
+    spec = tasks.GROUNDING_SCENE
+    examples = tasks.load_task("grounding", "eval", 200)
+    counts = [len(tasks.draw_scene(e.seed, spec)[1]) for e in examples]
+    assert min(counts) >= spec.min_count and max(counts) <= spec.max_count
+    crowded = tasks.SceneSpec(**{**spec.__dict__, "min_count": 3, "max_count": 4})  # the knob for larger models
+    for seed in range(100):
+        image, objects = tasks.draw_scene(seed, crowded)
+        assert len({colour for _, colour, *_ in objects}) == len(objects)  # "the red circle" names one object
+    corners = [image.getpixel((1, 1)), image.getpixel((62, 1)), image.getpixel((1, 62)), image.getpixel((62, 62))]
+    assert len(set(corners)) == 4, corners  # each cell's background has its own shade: a cue to where it is
 
 
 def test_unknown_task_exits_naming_the_choices():
@@ -127,3 +177,41 @@ def test_real_dataset_lacking_a_column_exits_naming_it(tmp_path, column):
     datasets.DatasetDict({"train": clevr_like(3).remove_columns(column)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(SystemExit, match=f"lacks columns \\['{column}'\\]"):
         tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "dd"))
+
+
+def test_geometry3k_schema_loads_for_math_with_the_boxed_instruction(tmp_path):
+    rows = datasets.Dataset.from_dict(
+        {"images": [[Image.new("RGB", (40, 30), (1, 2, 3))]] * 2, "problem": ["<image>Find x.", "<image>Find y."],
+         "answer": ["3\\sqrt{2}", "12"]},
+        features=FEATURES,
+    )  # fmt: skip
+    datasets.DatasetDict({"train": rows}).save_to_disk(str(tmp_path / "g3k"))
+    examples = tasks.load_task("math", "train", 2, dataset=str(tmp_path / "g3k"))
+    assert [e.question for e in examples] == ["Find x. Put the final answer in \\boxed{}.", "Find y. Put the final answer in \\boxed{}."]
+    assert [e.answer for e in examples] == ["3\\sqrt{2}", "12"]
+    assert tasks.math_reward("\\boxed{\\sqrt{18}}", examples[0].answer) == 1.0
+
+
+def test_refcoco_schema_loads_for_grounding_with_coco_boxes_converted(tmp_path):
+    features = datasets.Features(
+        {"image": datasets.Image(), "answer": datasets.Sequence(datasets.Value("string")),
+         "bbox": datasets.Sequence(datasets.Value("float32"))}
+    )  # fmt: skip
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (200, 100))] * 2, "answer": [["man on left", "left guy"], ["red car"]],
+         "bbox": [[10, 20, 30, 40], [0, 0, 200, 100]]},
+        features=features,
+    )  # fmt: skip
+    datasets.DatasetDict({"val": rows}).save_to_disk(str(tmp_path / "refcoco"))  # lmms-lab/RefCOCO has no train split
+    examples = tasks.load_task("grounding", "train", 2, dataset=str(tmp_path / "refcoco"))
+    assert examples[0].question == "Locate man on left. Answer with <answer>[x1, y1, x2, y2]</answer>."
+    assert json.loads(examples[0].answer) == {"box": [10, 20, 40, 60], "image_size": [200, 100]}  # x, y, w, h → x1..y2
+    # a right answer in the 0-1000 frame: [10/200, 20/100, 40/200, 60/100] * 1000
+    assert tasks.grounding_reward("<answer>[50, 200, 200, 600]</answer>", examples[0].answer) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task, column", [("math", "problem"), ("grounding", "bbox")])
+def test_real_dataset_of_another_task_lacking_a_column_exits_naming_it(tmp_path, task, column):
+    datasets.DatasetDict({"train": clevr_like(3).remove_columns("problem")}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(SystemExit, match=f"lacks columns .*'{column}'"):
+        tasks.load_task(task, "train", 3, dataset=str(tmp_path / "dd"))
