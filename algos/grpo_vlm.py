@@ -102,8 +102,8 @@ class Args:
     """do not train the vision encoder (its weights stay exactly as loaded, and it gets no optimizer state)"""
 
     # Algorithm specific arguments
-    total_steps: int = 450
-    """number of rollout + update steps"""
+    total_steps: int | None = None
+    """number of rollout + update steps (default: the task's: 450, or 250 for grounding, whose steps are longer)"""
     prompts_per_step: int = 16
     """prompts per step (B); each gets group_size responses"""
     group_size: int = 8
@@ -185,7 +185,10 @@ def main(args: Args):
         raise SystemExit(f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more")
     if args.task not in tasks.TASKS:
         raise SystemExit(f"unknown task '{args.task}'; choose one of: {', '.join(tasks.TASKS)}")
-    args.max_new_tokens = args.max_new_tokens or tasks.MAX_NEW_TOKENS[args.task]
+    if args.max_new_tokens is None:  # the task's defaults, filled in at runtime
+        args.max_new_tokens = tasks.MAX_NEW_TOKENS[args.task]
+    if args.total_steps is None:
+        args.total_steps = tasks.TOTAL_STEPS[args.task]
     if args.dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"--dtype {args.dtype}: choose float32 or bfloat16")
     start_time = time.time()  # the logged "time" counts from here, so it includes a first-run model build
