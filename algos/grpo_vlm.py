@@ -1,12 +1,15 @@
 """GRPO for vision-language models: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300).
 
 The MDP: the state is an image plus the text so far, an action is the next text token, and the episode's
-reward comes at the end from a rule (here: is the count right?). For each prompt we sample a group of G
-responses, score each, and push up the tokens of responses that beat their group's mean.
+reward comes at the end from a rule (is the count right? is the sum right? how well does the box overlap?).
+For each prompt we sample a group of G responses, score each, and push up the tokens of responses that beat
+their group's mean.
 
     python algos/grpo_vlm.py --task counting                      # embedded tiny VLM, laptop CPU, offline
+    python algos/grpo_vlm.py --task math                          # ... numbers drawn in the image, \\boxed{} sums
+    python algos/grpo_vlm.py --task grounding                     # ... boxes, reward = IoU
     python algos/grpo_vlm.py --task counting --model Qwen/Qwen2.5-VL-3B-Instruct \\
-        --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lr 1e-6 --max-new-tokens 256 --track
+        --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lora --lr 1e-5 --max-new-tokens 256 --track
 
 Docs: README.md ("The GRPO script"). Not meant to be imported except for the pure functions the tests pin.
 """

@@ -60,7 +60,7 @@ def run_script(grpo, model_dir, tmp_path, *flags) -> Run:
         run.optimizer_params = params
         original_optimizer_init(self, params, *args, **kwargs)
 
-    def alternating_reward_fn(task):
+    def alternating_reward_fn(task, box_frame=None):
         calls = itertools.count()
         return lambda completion, answer, format_reward=0.0: float(next(calls) % 2)
 
