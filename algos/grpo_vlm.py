@@ -232,7 +232,9 @@ def main(args: Args):
         model = get_peft_model(model, lora_config)
     model.train()
     # the reference (frozen KL anchor) is the initial policy; with LoRA that is the same model, adapters disabled
-    ref_model = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False) if args.beta > 0 and not args.lora else None
+    ref_model = None
+    if args.beta > 0 and not args.lora:
+        ref_model = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; frozen tower: not its weights
     optimizer = make_optimizer(args.optimizer, trainable, lr=args.lr)
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, dtype, args.seed, args.max_prompt_tokens + args.max_new_tokens)

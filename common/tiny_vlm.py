@@ -77,8 +77,8 @@ def tokenizer_corpus(task: str = "counting"):
     elif task == "math":
         lines += [tasks.BOXED_FORMAT, tasks.MATH_QUESTION] + [f"\\boxed{{{n}}}" for n in range(100)]
     else:
-        lines += [tasks.BOX_FORMAT] + [e.question for e in tasks.load_task(task, "warmstart", 100)]
-        lines += [tasks.ideal_response(task, e) for e in tasks.load_task(task, "warmstart", 100)]
+        examples = tasks.load_task(task, "warmstart", 100)
+        lines += [tasks.BOX_FORMAT] + [e.question for e in examples] + [tasks.ideal_response(task, e) for e in examples]
     lines += [" ".join(map(str, range(n, n + 10))) for n in range(0, 1000, 7)]
     words = "the a an of in on is are how many what which where shape shapes object objects image picture colour color"
     words += " red blue green yellow circle square triangle small large left right top bottom answer number count"
