@@ -62,7 +62,7 @@ class SceneSpec:
     cell: int = 16  # if > 0: at most one object per cell of this many pixels, at a random place inside it
     jitter: float | None = None  # with cells: if set, objects sit at their cell's centre ± this many pixels
     distinct_colours: bool = False  # no two objects share a colour
-    cell_shades: bool = False  # with cells: each cell's background is its own shade of grey (a "tiled floor")
+    cell_shades: bool = False  # with cells: each cell's background has its own shade (a "tiled floor")
 
 
 def draw_scene(seed: int, spec: SceneSpec = SceneSpec()):
@@ -91,9 +91,11 @@ def draw_scene(seed: int, spec: SceneSpec = SceneSpec()):
     if spec.cell and spec.cell_shades:
         n = spec.image_size // spec.cell
         for c in range(n * n):
-            grey = 96 + 96 * c // max(n * n - 1, 1)
-            x0, y0 = (c % n) * spec.cell, (c // n) * spec.cell
-            draw.rectangle((x0, y0, x0 + spec.cell - 1, y0 + spec.cell - 1), fill=(grey, grey, grey))
+            column, row = c % n, c // n
+            grey = 80 + 96 * column // max(n - 1, 1)  # the column sets the brightness,
+            tint = 24 - 48 * row // max(n - 1, 1)  # the row the tint: warm at the top, cool at the bottom
+            x0, y0 = column * spec.cell, row * spec.cell
+            draw.rectangle((x0, y0, x0 + spec.cell - 1, y0 + spec.cell - 1), fill=(grey + tint, grey, grey - tint))
     for shape, colour, r, x, y in objects:
         box, fill = (x - r, y - r, x + r, y + r), COLORS[colour]
         if shape == "circle":
@@ -158,12 +160,15 @@ def math_examples(split: str, n: int, image_size: int = 64):
 
 # ---------------------------------------------------------------------------------------------- grounding
 # One shape (20 px) in one of 2x2 cells, its colour and shape named ("the red circle"). Each cell has its own
-# background shade: the tiny model's vision tower has only rotary (relative) positions, and without an absolute
-# cue in the pixels it did not localise. With distractors (2-3 shapes of distinct colours, the RefCOCO setting)
-# the 1.3M-parameter model stayed at chance, Acc@0.5 ~0.2, after 420 supervised steps: it localises, it does not
-# yet pick the named object. With two sizes (16 and 24 px), RL raised mean IoU 0.30 -> 0.48 in 250 steps but
-# Acc@0.5 only 0.29 -> 0.38: a right place with the wrong size has IoU 0.44, just under the bar, and greedy eval
-# flipped between sizes (0.13-0.60). Raise min_count/max_count and add radii for a larger model.
+# background: the tiny model's vision tower has only rotary (relative) positions, and without an absolute cue in
+# the pixels it did not localise. The column sets the brightness and the row the tint, so x and y each have a cue
+# of their own: with one grey per cell (darkest top-left to lightest bottom-right) the model learnt only the two
+# extreme cells and answered the diagonal box (y = x) for the other two, Acc@0.5 stuck at 0.425 after RL.
+# With distractors (2-3 shapes of distinct colours, the RefCOCO setting) the 1.3M-parameter model stayed at
+# chance, Acc@0.5 ~0.2, after 420 supervised steps: it localises, it does not yet pick the named object. With two
+# sizes (16 and 24 px), RL raised mean IoU 0.30 -> 0.48 in 250 steps but Acc@0.5 only 0.29 -> 0.38: a right
+# place with the wrong size has IoU 0.44, just under the bar. Raise min_count/max_count and add radii for a
+# larger model.
 GROUNDING_SCENE = SceneSpec(
     min_count=1, max_count=1, radii=(10,), cell=32, jitter=1, distinct_colours=True, cell_shades=True
 )

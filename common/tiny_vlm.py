@@ -178,7 +178,9 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
 
 def tiny_model_dir(task: str) -> str:
     """Path of the embedded tiny VLM warm-started for `task`; built on first use, then cached."""
-    recipe = [TINY, WARM_START[task], task, CHAT_TEMPLATE, tokenizer_corpus(task)]
+    # the warm start's first images stand for how the task draws its data: a change there rebuilds the model
+    images = hashlib.sha256(b"".join(e.image.tobytes() for e in tasks.load_task(task, "warmstart", 16))).hexdigest()
+    recipe = [TINY, WARM_START[task], task, CHAT_TEMPLATE, tokenizer_corpus(task), images]
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     cache = os.environ.get("VLRL_CACHE", os.path.expanduser("~/.cache/vlrl"))
     path = os.path.join(cache, f"tiny-qwen2-vl-{task}-{key}")

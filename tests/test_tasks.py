@@ -117,8 +117,11 @@ def test_grounding_scenes_follow_their_spec_with_distinct_colours_and_shaded_cel
     for seed in range(100):
         image, objects = tasks.draw_scene(seed, crowded)
         assert len({colour for _, colour, *_ in objects}) == len(objects)  # "the red circle" names one object
-    corners = [image.getpixel((1, 1)), image.getpixel((62, 1)), image.getpixel((1, 62)), image.getpixel((62, 62))]
-    assert len(set(corners)) == 4, corners  # each cell's background has its own shade: a cue to where it is
+    # each cell's background is a cue to where it is, one per axis: the column sets the brightness (green), the
+    # row the tint (red minus blue)
+    (tl, tr), (bl, br) = [[image.getpixel((x, y)) for x in (1, 62)] for y in (1, 62)]
+    assert tl[1] == bl[1] != tr[1] == br[1], (tl, tr, bl, br)
+    assert tl[0] - tl[2] == tr[0] - tr[2] != bl[0] - bl[2] == br[0] - br[2], (tl, tr, bl, br)
 
 
 def test_unknown_task_exits_naming_the_choices():
