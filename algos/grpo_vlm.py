@@ -238,7 +238,8 @@ def main(args: Args):
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; frozen tower: not its weights
     optimizer = make_optimizer(args.optimizer, trainable, lr=args.lr)
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, dtype, args.seed, args.max_prompt_tokens + args.max_new_tokens)
-    print(memory_plan(model, optimizer, ref_model))
+    engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
+    print(memory_plan(model, optimizer, ref_model, engine_bytes))
     reward_fn = tasks.reward_fn(args.task, box_frame(model, processor))  # grounding: boxes in the family's frame
     eos_id = stop_token_id(processor)  # the family's end-of-turn token
     suppressed = suppressed_token_ids(processor)  # masked in sampling and in scoring alike

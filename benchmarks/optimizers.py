@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import tyro
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common.optim import OPTIMIZERS, make_optimizer, memory_bytes  # noqa: E402
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa: E402  (after common: common/__init__.py)
 
 
 @dataclass

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import tyro
-from transformers import AutoConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common import tasks  # noqa: E402
 from common.rollout import VLLMRollout  # noqa: E402
 from common.tiny_vlm import build_random_tiny_vlm  # noqa: E402
 from common.vlm import build_prompts, generate, load_vlm, response_mask, stop_token_id  # noqa: E402
+from transformers import AutoConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa: E402  (after common: common/__init__.py)
 
 
 @dataclass

@@ -147,13 +147,23 @@ class VLLMRollout:
             print("note: vLLM on CPU has no sleep mode; sleep/wake_up are called but free nothing")
             engine_args.update(kv_cache_memory_bytes=cpu_kv_cache_bytes, enforce_eager=True)
         self.vllm_model = model_path
+        python_path = os.environ.get("PYTHONPATH")
         if not self.in_process:
+            # the spawned engine process must hide a broken torchvision before it imports vLLM, as the trainer did
+            repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            site_dir = os.path.join(repo_root, "common", "engine_site")
+            os.environ["PYTHONPATH"] = os.pathsep.join([site_dir, repo_root] + ([python_path] if python_path else []))
             self.checkpoint_dir = tempfile.TemporaryDirectory(prefix="vlrl-vllm-")  # removed at exit
             self.vllm_model = self.checkpoint_dir.name
             image_only_checkpoint(model_path, processor, self.vllm_model)
             # one engine process holding the worker too (not a third process for the worker)
             engine_args.update(model_impl="transformers", trust_remote_code=True, distributed_executor_backend="uni")
-        self.llm = LLM(self.vllm_model, **engine_args)
+        try:
+            self.llm = LLM(self.vllm_model, **engine_args)
+        finally:
+            os.environ.pop("PYTHONPATH", None)  # the engine process has started: later subprocesses get
+            if python_path is not None:  # the user's path back
+                os.environ["PYTHONPATH"] = python_path
         self.sleep_level = sleep_level
         self.llm.sleep(level=sleep_level)  # the trainer has the memory until the first rollout
 
@@ -162,6 +172,18 @@ class VLLMRollout:
         # every id the model's logits cover, minus what the HF path suppresses: the same mask, exactly
         self.allowed_ids = [i for i in range(config.get_text_config().vocab_size) if i not in suppressed]
         self.image_token_id = getattr(processor, "image_token_id", None)
+        self.fake_image_token_id = getattr(processor, "fake_image_token_id", None)  # Idefics3's image delimiter
+
+    def memory_bytes(self, model) -> int:
+        """Bytes the engine holds while awake (asleep on a GPU, none of them stay there): its own copy of the
+        trainer's weights (adapters merged) plus the KV cache vLLM allocated, blocks x tokens x bytes per token."""
+        config = self.llm.llm_engine.vllm_config
+        model_config, cache_config = config.model_config, config.cache_config
+        weights = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+        kv_per_token = (2 * model_config.get_num_layers(config.parallel_config) * model_config.get_total_num_kv_heads()
+                        * model_config.get_head_size())  # K and V, every layer  # fmt: skip
+        kv_tokens = (cache_config.num_gpu_blocks or 0) * cache_config.block_size
+        return (weights + kv_tokens * kv_per_token) * model_config.dtype.itemsize
 
     def push_weights(self, model):
         """Copy the trainer's current weights into the engine. LoRA adapters are merged for the copy."""
@@ -193,10 +215,22 @@ class VLLMRollout:
             storages.add(storage)
         save_file(tensors, os.path.join(self.vllm_model, "model.safetensors"))
 
+    def unexpand_image(self, ids: list[int]) -> list[int]:
+        """The prompt as the chat template wrote it, before the processor expanded its one image placeholder:
+        vLLM expands it itself, from the image (generate() checks that both expansions agree).
+        Qwen-VL: `<|vision_start|> <|image_pad|> x N <|vision_end|>` → the run of pads goes back to one pad.
+        Idefics3/SmolVLM: `<image>` became `<fake_token_around_image> [<row_i_col_j>] <image> x N ...
+        <fake_token_around_image> <global-img> <image> x N <fake_token_around_image>` → that whole span goes
+        back to one `<image>`."""
+        if self.fake_image_token_id is not None:
+            first = ids.index(self.fake_image_token_id)
+            last = len(ids) - 1 - ids[::-1].index(self.fake_image_token_id)
+            return ids[:first] + [self.image_token_id] + ids[last + 1 :]
+        pad = self.image_token_id
+        return [t for k, t in enumerate(ids) if not (t == pad and k > 0 and ids[k - 1] == pad)]
+
     def prompt_requests(self, prompts, images):
-        """vLLM requests with the HF path's prompt token ids. The processor expanded each image to as many
-        `<|image_pad|>` tokens as the image has patches; vLLM expands them itself from the image, so each run
-        of pads goes back to one (generate() checks that vLLM's expansion equals the processor's)."""
+        """vLLM requests with the HF path's prompt token ids (left padding dropped, image placeholder unexpanded)."""
         from vllm.inputs import TokensPrompt
 
         requests = []
@@ -204,10 +238,9 @@ class VLLMRollout:
             ids = [t for t, m in zip(ids, mask) if m]  # drop the left padding
             if images is None:
                 requests.append(TokensPrompt(prompt_token_ids=ids))
-                continue
-            pad = self.image_token_id
-            ids = [t for k, t in enumerate(ids) if not (t == pad and k > 0 and ids[k - 1] == pad)]
-            requests.append(TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images[i]}))
+            else:
+                ids = self.unexpand_image(ids)
+                requests.append(TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images[i]}))
         return requests
 
     def sampling_params(self, num_samples: int, max_new_tokens: int, temperature: float, greedy: bool, **extra):

@@ -104,6 +104,10 @@ def test_one_grpo_step_runs_end_to_end_and_the_saved_model_reloads(checkpoint, g
     for key in ["eval/accuracy", "charts/reward_mean", "losses/kl", "losses/grad_norm", "charts/response_length"]:
         assert math.isfinite(records[1][key]), (key, records[1])
     assert records[1]["losses/entropy"] > 0  # the training forward scored the sampled responses
+    # --rollout-engine auto: vLLM in the training process where its native implementation runs here (Idefics3;
+    # the rollout then checks vLLM's image expansion against the processor's), else HF generate
+    engine = "rollout engine: vLLM (in-process)" if family == "idefics3" else "rollout engine: HF generate"
+    assert engine in (out / "stdout").read_text()
     model, processor = load_vlm(str(run_dir / "model"))
     assert model.config.model_type == family
     assert stop_token_id(processor) == processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])

@@ -5,18 +5,13 @@ working torchvision the engine runs in its own process with vLLM's Transformers 
 says why); the calls the helper makes on the `LLM` object are the same either way, and are observed here on
 the real instance."""
 
-import importlib.util
-
 import pytest
 import torch
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed: the vLLM engine tests need it (requirements.txt says how)", allow_module_level=True)
-
-from common import tasks  # noqa: E402
-from common.rollout import VLLMRollout  # noqa: E402
-from common.tiny_vlm import build_random_tiny_vlm  # noqa: E402
-from common.vlm import build_prompts, generate, load_vlm, response_logprobs, response_mask, suppressed_token_ids  # noqa: E402
+from common import tasks
+from common.rollout import VLLMRollout
+from common.tiny_vlm import build_random_tiny_vlm
+from common.vlm import build_prompts, generate, load_vlm, response_logprobs, response_mask, suppressed_token_ids
 
 LOGPROB_TOLERANCE = 1e-4  # fp32 both sides; measured differences are ~1e-6
 
@@ -186,3 +181,11 @@ def test_lora_adapters_are_merged_into_the_push(setup):
     assert torch.allclose(pushed, trainer, atol=LOGPROB_TOLERANCE)  # ...and vLLM has them
     base_after = lora_model.get_base_model().state_dict()
     assert all(torch.allclose(base_after[k], v, atol=1e-6) for k, v in base_before.items())  # unmerged again
+
+
+def test_memory_bytes_counts_the_engines_weights_and_the_kv_cache_it_allocated(setup):
+    engine, model = setup["engine"], setup["model"]
+    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32: the engine holds a full copy
+    kv = engine.memory_bytes(model) - weights
+    # on CPU vLLM fills the KV cache we asked for (cpu_kv_cache_bytes, 1 GiB) with whole blocks
+    assert 0.9 * (1 << 30) <= kv <= 1 << 30, kv
