@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -265,6 +266,9 @@ def main(args: Args):
     log({"step": 0, **first_eval, "time": round(time.time() - start_time, 2)})
     progress = tqdm(range(1, args.total_steps + 1), desc="grpo", dynamic_ncols=True)
     step = 0
+    # `kill` (SIGTERM, also what job schedulers send) stops the run like Ctrl-C: the model is saved, and a vLLM
+    # engine process exits with the script instead of being left behind
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for step in progress:
             step_start = time.time()

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -113,3 +115,22 @@ def test_bad_flag_exits_with_one_line_and_no_traceback(repo_root, tmp_path, flag
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_sigterm_stops_the_run_and_saves_the_model(repo_root, tiny_model_dir, tmp_path):
+    flags = ["--total-steps", "1000", "--eval-every", "1000", "--eval-size", "4", "--train-size", "32"]
+    flags += ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-skip-zero-advantage-groups"]
+    flags += ["--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir]
+    env = {**os.environ, "VLRL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "algos/grpo_vlm.py", *flags], cwd=repo_root, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(p.name == "metrics.jsonl" and p.stat().st_size > 0 for p in (tmp_path / "runs").rglob("*")):
+        time.sleep(0.5)
+    time.sleep(2)  # a few training steps
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out[-3000:]
+    assert "interrupted at step" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "model" / "config.json").exists()
