@@ -156,7 +156,7 @@ class VLLMRollout:
             self.checkpoint_dir = tempfile.TemporaryDirectory(prefix="vlrl-vllm-")  # removed at exit
             self.vllm_model = self.checkpoint_dir.name
             image_only_checkpoint(model_path, processor, self.vllm_model)
-            # the worker inside the engine process; vLLM's CPU platform overrides this with its mp executor (a third process)
+            # the worker inside the engine process (vLLM's CPU platform overrides it: a third process, its mp executor)
             engine_args.update(model_impl="transformers", trust_remote_code=True, distributed_executor_backend="uni")
         try:
             self.llm = LLM(self.vllm_model, **engine_args)
