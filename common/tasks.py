@@ -30,7 +30,7 @@ BOXED_FORMAT = "Put the final answer in \\boxed{}."
 GROUNDING_QUESTION = "Locate {}."  # {} = a referring expression, e.g. "the red circle"
 BOX_FORMAT = "Answer with <answer>[x1, y1, x2, y2]</answer>."
 MAX_NEW_TOKENS = {"counting": 8, "math": 8, "grounding": 24}  # enough for the synthetic twins' answers
-TOTAL_STEPS = {"counting": 450, "math": 450, "grounding": 250}  # the tiny model's default budget: ~10 min on 2 cores
+TOTAL_STEPS = {"counting": 400, "math": 450, "grounding": 250}  # the tiny model's default budget: ~10 min on 2 cores
 SUCCESS = {"counting": 1.0, "math": 1.0, "grounding": 0.5}  # reward from which an answer counts as right
 
 # Disjoint seed streams: a scene's seed is (split offset + index), so held-out scenes are never trained on.

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from common.vlm import load_vlm
 
@@ -85,6 +86,13 @@ def test_other_tasks_run_one_step_and_log_their_metrics(repo_root, tiny_model_di
         assert 0.0 <= (first | last)[key] <= 1.0, key
     if task == "grounding":  # the task's default budget fits a box: 24 tokens (a random model rarely stops early)
         assert 8 < last["charts/response_length"] <= 24
+
+
+def test_auto_rollout_engine_picks_hf_generate_on_a_cpu_machine(smoke):
+    """On CPU, HF generate is the faster engine (README: benchmarks/rollout.py); vLLM only when asked for."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: auto picks vLLM there when it is installed")
+    assert "rollout engine: HF generate (no GPU" in smoke[0].stdout, smoke[0].stdout[:2000]
 
 
 def test_smoke_run_saves_a_model_that_reloads(smoke):

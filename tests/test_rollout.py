@@ -1,9 +1,9 @@
 """The vLLM rollout engine (common/rollout.py) against the trainer's HF model, with the real vLLM engine.
 
-One engine for the module, on a randomly initialised tiny Qwen2-VL with images. On a CPU machine without a
-working torchvision the engine runs in its own process with vLLM's Transformers backend (common/rollout.py
-says why); the calls the helper makes on the `LLM` object are the same either way, and are observed here on
-the real instance."""
+One engine for the module, in this process, on a randomly initialised tiny Qwen2-VL with images. On a CPU
+machine without a working torchvision the engine runs vLLM's Transformers backend (common/rollout.py says
+why); the calls the helper makes on the `LLM` object are the same either way, and are observed here on the
+real instance."""
 
 import pytest
 import torch
@@ -66,6 +66,21 @@ def test_greedy_rollouts_match_hf_generate_with_images(setup):
     expected = generate(model, processor, prompts, 1, 12, 1.0, greedy=True)  # (B, T)
     got = engine.generate(model, prompts, images, 1, 12, 1.0, greedy=True)
     assert torch.equal(got, expected)
+
+
+def test_the_engine_leaves_the_trainers_model_classes_alone(setup):
+    """vLLM's Transformers backend decorates the class of the language model it runs for torch.compile; it must be
+    the engine's own subclass (common.rollout.ENGINE_MODEL_MODULE), or the trainer's forward breaks."""
+    model, processor, prompts = setup["model"], setup["processor"], setup["prompts"]
+    if setup["engine"].native:
+        pytest.skip("vLLM runs its native Qwen2-VL here (torchvision works): no transformers class is shared")
+    trainer_class = type(model.get_decoder())
+    assert all(c.__module__.startswith(("transformers.", "torch.", "builtins")) for c in trainer_class.__mro__)
+    completion = torch.tensor([[setup["engine"].eos_id]] * len(setup["images"]))
+    logprobs = response_logprobs(model, prompts, completion, torch.ones_like(completion), suppressed_token_ids(processor))
+    logprobs.sum().backward()  # the trainer's forward and backward still run
+    assert all(p.grad is not None for p in model.get_decoder().parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
 
 
 def test_a_weight_push_carries_a_training_step_to_vllm(setup):
