@@ -91,23 +91,20 @@ def transformers_backend_checkpoint(model_path: str, processor, out: str):
             os.symlink(os.path.join(os.path.abspath(model_path), name), os.path.join(out, name))
     with torch.device("meta"):  # the classes transformers builds for this config, without allocating weights
         skeleton = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
-    modules = {
+    processor_path = os.path.join(model_path, "processor_config.json")
+    processor_config = json.load(open(processor_path)) if os.path.exists(processor_path) else {}
+    processor_config.update(processor_class="ImageOnlyProcessor", auto_map={"AutoProcessor": "image_only_processor.ImageOnlyProcessor"})
+    model_config = json.load(open(os.path.join(model_path, "config.json")))
+    model_config["auto_map"] = {"AutoModel": "engine_model.EngineModel"}
+    files = {
         "image_only_processor.py": IMAGE_ONLY_PROCESSOR_MODULE.format(parent=type(processor).__name__),
         "engine_model.py": ENGINE_MODEL_MODULE.format(model=type(skeleton).__name__, text_model=type(skeleton.get_decoder()).__name__),
+        "processor_config.json": json.dumps(processor_config, indent=2),
+        "config.json": json.dumps(model_config, indent=2),
     }  # fmt: skip
-    for name, text in modules.items():
+    for name, text in files.items():
         with open(os.path.join(out, name), "w") as f:
             f.write(text)
-    for name, auto_map in [
-        ("processor_config.json", {"AutoProcessor": "image_only_processor.ImageOnlyProcessor"}),
-        ("config.json", {"AutoModel": "engine_model.EngineModel"}),
-    ]:
-        path = os.path.join(model_path, name)
-        config = json.load(open(path)) if os.path.exists(path) else {}
-        if name == "processor_config.json":
-            config["processor_class"] = "ImageOnlyProcessor"
-        config["auto_map"] = auto_map
-        json.dump(config, open(os.path.join(out, name), "w"), indent=2)
 
 
 def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
