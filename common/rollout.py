@@ -37,6 +37,7 @@ from importlib.util import find_spec
 import torch
 from transformers import AutoConfig, AutoModel
 
+from common import STARTUP_DIR
 from common.vlm import stop_token_id, suppressed_token_ids
 
 # vLLM's implementations of these import transformers' torchvision-backed Qwen2-VL image processor
@@ -169,7 +170,17 @@ class VLLMRollout:
             engine_path = self.checkpoint_dir.name
             transformers_backend_checkpoint(model_path, processor, engine_path)
             engine_args.update(model_impl="transformers", trust_remote_code=True)
-        self.llm = LLM(engine_path, **engine_args)
+        try:
+            self.llm = LLM(engine_path, **engine_args)
+        except ValueError as e:  # vLLM logged the helper process's error above this
+            if "failed to be inspected" not in str(e):
+                raise
+            raise SystemExit(
+                f"vLLM could not inspect {config.architectures} in its helper process (its error is logged above). If "
+                "that error ends in 'operator torchvision::nms does not exist', the helper did not run "
+                f"{STARTUP_DIR}/sitecustomize.py: keep that folder on PYTHONPATH (`import common` puts it there), or "
+                "`pip uninstall torchvision torchaudio torchcodec` on a CPU machine"
+            ) from None
         self.sleep_level = sleep_level
         self.llm.sleep(level=sleep_level)  # the trainer has the memory until the first rollout
 

@@ -1,11 +1,23 @@
 """Shared fixtures: the repo root on sys.path (so `import common` works), a randomly initialised tiny Qwen2-VL
 saved to disk once per session, and the pure functions of algos/grpo_vlm.py (algos/ is not a package)."""
 
+import atexit
 import importlib.util
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The suite runs as on a new machine even on a warm one: vLLM's cache (its `modelinfos` once hid a bug that failed
+# every fresh machine), Hugging Face's and ours start empty, in a folder of their own. Set before anything imports
+# vLLM or huggingface_hub, which read these variables at import.
+_CACHES = tempfile.mkdtemp(prefix="vlrl-test-caches-")
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+for _variable in ("VLLM_CACHE_ROOT", "HF_HOME", "VLRL_CACHE"):
+    os.environ[_variable] = os.path.join(_CACHES, _variable.lower())
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
