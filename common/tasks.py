@@ -336,7 +336,7 @@ def load_task(task: str, split: str, n: int, dataset: str | None = None, image_s
         if task == "counting":
             return counting_examples(split, n, SceneSpec(image_size=image_size))
         return {"math": math_examples, "grounding": grounding_examples}[task](split, n, image_size)
-    rows = load_rows(dataset, split, n, REAL_SCHEMA[task])
+    rows = load_rows(dataset, split, n, task)
     return [{"grounding": refcoco_example}.get(task, problem_example)(row, task) for row in rows]
 
 
@@ -347,10 +347,10 @@ REAL_SCHEMA = {  # columns each task's --dataset needs, and the dataset it was w
 }
 
 
-def load_rows(dataset: str, split: str, n: int, schema):
-    """n rows of a real dataset. Train rows come from its 'train' split (else its first split); eval rows from
-    'test' if it has one, else from the end of the training split (disjoint from the rows trained on as long
-    as n_train + n_eval <= its length)."""
+def load_rows(dataset: str, split: str, n: int, task: str):
+    """n rows of a real dataset for `task`, their answers checked. Train rows come from its 'train' split (else
+    its first split); eval rows from 'test' if it has one, else from the end of the training split (disjoint
+    from the rows trained on as long as n_train + n_eval <= its length)."""
     import datasets
 
     try:
@@ -363,19 +363,48 @@ def load_rows(dataset: str, split: str, n: int, schema):
         raise SystemExit(f"could not load --dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0]}")
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
-    columns, reference = schema
-    train = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    missing = columns - set(train.column_names)
+    columns, reference = REAL_SCHEMA[task]
+    name = "train" if "train" in ds else next(iter(ds))
+    missing = columns - set(ds[name].column_names)
     if missing:
         raise SystemExit(
             f"--dataset '{dataset}' lacks columns {sorted(missing)}; this task needs {', '.join(sorted(columns))} "
             f"(the {reference} schema): rename them with datasets' rename_column"
         )
-    if split == "eval":
-        rows = ds["test"] if "test" in ds else train.select(range(max(0, len(train) - n), len(train)))
-    else:
-        rows = train
-    return rows.select(range(min(n, len(rows))))
+    first = 0
+    if split == "eval" and "test" in ds:
+        name = "test"
+    elif split == "eval":
+        first = max(0, len(ds[name]) - n)
+    rows = ds[name].select(range(first, min(first + n, len(ds[name]))))
+    # a bad answer found now stops the run before training, instead of crashing the reward at the first eval
+    checked = ["bbox"] if task == "grounding" else ["answer"]
+    for i, row in enumerate(rows.select_columns(checked), start=first):  # no images decoded
+        problem = answer_problem(task, row)
+        if problem:
+            where = f"--dataset '{dataset}' split '{name}' row {i}"
+            raise SystemExit(f"{where}: {problem}; fix or drop the row (datasets' filter)")
+    return rows
+
+
+def answer_problem(task: str, row) -> str | None:
+    """What is wrong with a real row's ground truth for the task's reward, or None."""
+    if task == "grounding":
+        box = row["bbox"]
+        numbers = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+        if not (numbers and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
+            return f"bbox {box!r} is not 4 finite numbers [x, y, w, h] (COCO) with w > 0 and h > 0"
+        return None
+    answer = str(row["answer"]).strip()  # as problem_example stores it
+    if task == "counting" and not re.fullmatch(r"[0-9]+", answer):
+        return f"answer '{answer}' is not a whole number like '3'"
+    if task == "math":
+        from math_verify import parse  # imported here: it loads sympy, only math needs it
+
+        # parse gives [expression, text], or only [text] (compared character by character) when it cannot parse it
+        if all(isinstance(p, str) for p in parse(f"${answer}$")):
+            return f"answer '{answer}' is not a number or LaTeX math-verify can parse, like '12' or '3\\sqrt{{2}}'"
+    return None
 
 
 def problem_example(row, task: str) -> Example:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -188,16 +189,39 @@ def tiny_model_dir(task: str) -> str:
         return path
     t0 = time.time()
     print(f"building the embedded tiny VLM for '{task}' in {path} (once; cached afterwards)")
+    remove_stale_builds(path)
     tmp = f"{path}.tmp{os.getpid()}"  # build aside, then rename: an interrupted build leaves no half model
-    build_random_tiny_vlm(tmp, task)
-    warm_start(tmp, task, **WARM_START[task])
-    open(os.path.join(tmp, "DONE"), "w").write(f"built in {time.time() - t0:.1f}s\n")
+    try:
+        build_random_tiny_vlm(tmp, task)
+        warm_start(tmp, task, **WARM_START[task])
+        open(os.path.join(tmp, "DONE"), "w").write(f"built in {time.time() - t0:.1f}s\n")
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) included: nothing would ever remove the folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.makedirs(cache, exist_ok=True)
     try:
         os.rename(tmp, path)
     except OSError:  # another process finished first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"built in {time.time() - t0:.1f}s")
     return path
+
+
+def remove_stale_builds(path: str):
+    """Remove `{path}.tmp<pid>` folders whose process is gone: a build killed with SIGKILL (or a power cut) has
+    no chance to clean up after itself. A running build's folder is left alone."""
+    parent, name = os.path.split(path)
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        pid = entry.removeprefix(f"{name}.tmp")
+        if entry.startswith(f"{name}.tmp") and pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks that the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True

@@ -9,9 +9,12 @@ checkpoint. What the training scripts need from a model is three things: a batch
 import inspect
 import os
 
+import huggingface_hub.constants
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -37,21 +40,59 @@ Qwen2VLImageOnlyProcessor = image_only_processor_class("qwen2_vl")  # the embedd
 
 
 def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    model_type = vision_language_model_type(path)
     try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (ImportError, OSError, ValueError) as e:
-        if "video" not in str(e).lower() and "torchvision" not in str(e).lower():
-            raise
-        model_type = AutoConfig.from_pretrained(path).model_type
-        if model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-            raise SystemExit(f"cannot load the processor of '{path}' without torchvision: pip install torchvision")
-        print(f"note: torchvision is missing, using the {model_type} processor without video support")
-        processor = image_only_processor_class(model_type).from_pretrained(path)
+        processor = auto_processor(path, model_type)
+    except (OSError, ValueError) as e:
+        raise could_not_load(path, e)
     if not hasattr(processor, "image_processor"):
         raise SystemExit(f"'{path}' has no image processor: pass a vision-language checkpoint")
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     set_image_size_limits(processor, min_pixels, max_pixels)
     return processor
+
+
+def auto_processor(path: str, model_type: str):
+    """AutoProcessor; without torchvision, the Qwen-VL processors without their video processor."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, OSError, ValueError) as e:
+        if "video" not in str(e).lower() and "torchvision" not in str(e).lower():
+            raise
+        if model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+            raise SystemExit(f"cannot load the processor of '{path}' without torchvision: pip install torchvision")
+        print(f"note: torchvision is missing, using the {model_type} processor without video support")
+        return image_only_processor_class(model_type).from_pretrained(path)
+
+
+def vision_language_model_type(model: str) -> str:
+    """The model_type of --model, read from its config before anything else loads, so that what cannot be a VLM
+    exits with one line saying why (the processor's and the weights' errors speak of missing files)."""
+    # `org/name` is a hub id; a path that is not a directory is a typo, not something to look up on the hub
+    is_path = os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+    if is_path and not os.path.isdir(model):
+        raise SystemExit(f"--model '{model}' is not a directory; pass an existing checkpoint dir or a hub id")
+    try:
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        if offline and not os.path.isdir(model) and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise SystemExit(
+                f"--model '{model}': not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it while online "
+                f"(hf download {model}) or pass a local dir"
+            )
+        model_type = AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError) as e:
+        raise could_not_load(model, e)
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise SystemExit(
+            f"--model '{model}' is a {model_type} checkpoint without a vision encoder: pass a vision-language checkpoint "
+            "(README: Models)"
+        )
+    return model_type
+
+
+def could_not_load(model: str, error: Exception) -> SystemExit:
+    reason = str(error).splitlines()[0]  # the whole first line: a line cut mid-word hides what to do
+    return SystemExit(f"could not load --model '{model}': {reason} (pass a vision-language checkpoint dir or hub id)")
 
 
 def set_image_size_limits(processor, min_pixels: int | None, max_pixels: int | None):
@@ -77,16 +118,11 @@ def set_image_size_limits(processor, min_pixels: int | None, max_pixels: int | N
 
 def load_vlm(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels=None, max_pixels=None):
     """(model, processor) from a hub id or a local directory. min_pixels/max_pixels: see set_image_size_limits."""
-    if os.path.sep in model and not os.path.isdir(model):
-        raise SystemExit(f"--model '{model}' is not a directory; pass an existing checkpoint dir or a hub id")
+    processor = load_processor(model, min_pixels, max_pixels)
     try:
-        processor = load_processor(model, min_pixels, max_pixels)
         vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load --model '{model}' ({str(e).splitlines()[0][:160]}); pass a local checkpoint dir, "
-            "or a hub id while online"
-        )
+        raise could_not_load(model, e)
     return vlm, processor
 
 

@@ -4,6 +4,7 @@ in the schemas of BUAADreamer/clevr_count_70k, hiyouga/geometry3k and lmms-lab/R
 import collections
 import json
 import math
+import re
 
 import datasets
 import pytest
@@ -218,3 +219,48 @@ def test_real_dataset_of_another_task_lacking_a_column_exits_naming_it(tmp_path,
     datasets.DatasetDict({"train": clevr_like(3).remove_columns("problem")}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(SystemExit, match=f"lacks columns .*'{column}'"):
         tasks.load_task(task, "train", 3, dataset=str(tmp_path / "dd"))
+
+
+BAD_LAST_ANSWER = [  # the last answer of each is one the task's reward cannot grade ('3.0' crashed counting's int())
+    ("counting", ["3", " 4 ", "3.0"]), ("counting", ["three"]), ("math", ["12", "3\\sqrt{2}", " "]), ("math", ["12", "\\frac{"]),
+]
+
+
+@pytest.mark.parametrize("task, answers", BAD_LAST_ANSWER)
+def test_real_dataset_row_with_an_answer_the_reward_cannot_grade_exits_naming_split_row_and_value(tmp_path, task, answers):
+    rows = datasets.Dataset.from_dict(
+        {"images": [[Image.new("RGB", (8, 8))]] * len(answers), "problem": ["<image>How many?"] * len(answers),
+         "answer": answers}, features=FEATURES,
+    )  # fmt: skip
+    datasets.DatasetDict({"train": rows}).save_to_disk(str(tmp_path / "ds"))
+    row, bad = len(answers) - 1, answers[-1].strip()  # the last row is the bad one
+    expected = f"--dataset '{tmp_path / 'ds'}' split 'train' row {row}: answer '{bad}' is not "
+    with pytest.raises(SystemExit, match="^" + re.escape(expected)):
+        tasks.load_task(task, "train", len(answers), dataset=str(tmp_path / "ds"))
+    good = tasks.load_task(task, "train", row, dataset=str(tmp_path / "ds"))  # the rows before it load
+    assert [e.answer for e in good] == [a.strip() for a in answers[:row]]
+
+
+def test_real_dataset_eval_rows_are_numbered_as_in_their_split(tmp_path):
+    answers = ["1", "2", "x", "4", "5"]  # eval takes the end of train: rows 3 and 4 are fine, the bad one is row 2
+    rows = datasets.Dataset.from_dict(
+        {"images": [[Image.new("RGB", (8, 8))]] * 5, "problem": ["<image>How many?"] * 5, "answer": answers}, features=FEATURES
+    )
+    datasets.DatasetDict({"train": rows}).save_to_disk(str(tmp_path / "ds"))
+    assert [e.answer for e in tasks.load_task("counting", "eval", 2, dataset=str(tmp_path / "ds"))] == ["4", "5"]
+    with pytest.raises(SystemExit, match="split 'train' row 2: answer 'x' is not a whole number"):
+        tasks.load_task("counting", "eval", 3, dataset=str(tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("bbox", [[10, 20, 0, 40], [10, 20, 30, -1], [10, 20, 30, float("nan")], [10, 20, 30]])
+def test_refcoco_row_with_a_box_that_is_not_x_y_w_h_exits_naming_it(tmp_path, bbox):
+    features = datasets.Features(
+        {"image": datasets.Image(), "answer": datasets.Sequence(datasets.Value("string")),
+         "bbox": datasets.Sequence(datasets.Value("float32"))}
+    )  # fmt: skip
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (20, 10))] * 2, "answer": [["a"], ["b"]], "bbox": [[0, 0, 5, 5], bbox]}, features=features
+    )
+    datasets.DatasetDict({"val": rows}).save_to_disk(str(tmp_path / "refcoco"))
+    with pytest.raises(SystemExit, match=r"split 'val' row 1: bbox \[.*\] is not 4 finite numbers \[x, y, w, h\]"):
+        tasks.load_task("grounding", "train", 2, dataset=str(tmp_path / "refcoco"))
