@@ -14,15 +14,14 @@ their group's mean.
 Docs: README.md ("The GRPO script"). Not meant to be imported except for the pure functions the tests pin.
 """
 
-import json
 import math
 import os
 import random
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -32,12 +31,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common import tasks  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
-from common.tiny_vlm import tiny_model_dir  # noqa: E402
+from common.runs import (  # noqa: E402
+    StopSignals,
+    json_line,
+    latest_checkpoint,
+    new_run_dir,
+    read_metrics,
+    resumed_args,
+    save_checkpoint,
+    save_policy,
+    set_rng_states,
+    truncate_metrics,
+    weights_fingerprint,
+)
+from common.tiny_vlm import tiny_model_dir, tiny_processor  # noqa: E402
 from common.vlm import (  # noqa: E402
     box_frame,
     build_prompts,
     generate,
     greedy_rewards,
+    load_processor,
     load_vlm,
     response_logprobs,
     response_mask,
@@ -63,17 +76,21 @@ class Args:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     output_dir: str = "runs"
-    """metrics.jsonl and the trained model go to <output_dir>/<run_name>/"""
+    """metrics.jsonl, checkpoints and the trained model go to <output_dir>/<run_name>/"""
+    save_every: int = 50
+    """save a checkpoint (policy, optimizer state, step, RNG states) every this many steps; 0 = none"""
+    resume: str | None = None
+    """continue the run in this run directory from its latest checkpoint, with the flags it was started with"""
 
     # Task and model
-    task: str = "counting"
+    task: Literal["counting", "math", "grounding"] = "counting"
     """which task: counting, math (sum of drawn numbers; Geometry3K with --dataset) or grounding (box of a
     described object; RefCOCO with --dataset)"""
     dataset: str | None = None
     """a real dataset (hub id or local dir) in the task's schema; default: the task's offline synthetic twin"""
     model: str = "tiny"
     """hub id or local checkpoint dir; 'tiny' = the embedded tiny Qwen2-VL (built and cached on first use)"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """float32 or bfloat16 for the weights"""
     train_size: int = 20000
     """number of training examples to sample prompts from"""
@@ -140,10 +157,10 @@ class Args:
     """reward for a well-formed but wrong answer (a right one earns 1.0; grounding earns its IoU)"""
     eval_every: int = 25
     """evaluate on the held-out set every this many steps"""
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "adamw8bit-offload"] = "adamw"
     """adamw (torch), adamw8bit (bitsandbytes' 8-bit moments, on the weights' device) or adamw8bit-offload (8-bit
     moments and an fp32 copy of the weights on the CPU; the device keeps only weights and gradients)"""
-    rollout_engine: str = "auto"
+    rollout_engine: Literal["auto", "hf", "vllm"] = "auto"
     """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, sleeping while
     it trains; common/rollout.py) or auto (vLLM when it is installed and there is a GPU, else HF generate, the
     faster one on CPU); one printed line says which"""
@@ -185,60 +202,117 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
     return loss, masked_mean(kl, mask).detach(), masked_mean(clipped, mask).detach()
 
 
+def check_args(args: Args):
+    """Every flag, before anything loads: the first bad one ends the run with one line that names the fix."""
+    checks = [
+        (args.total_steps < 1, f"--total-steps {args.total_steps}: train for at least 1 step"),
+        (args.prompts_per_step < 1, f"--prompts-per-step {args.prompts_per_step}: use 1 or more"),
+        (args.group_size < 2, f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more"),
+        (args.prompts_per_step > args.train_size, f"--prompts-per-step {args.prompts_per_step} > --train-size {args.train_size}: raise --train-size"),
+        (args.eval_size < 1, f"--eval-size {args.eval_size}: eval/accuracy needs at least 1 held-out example"),
+        (args.eval_every < 1, f"--eval-every {args.eval_every}: evaluate every 1 or more steps"),
+        (args.micro_batch_size < 1, f"--micro-batch-size {args.micro_batch_size}: use 1 or more sequences"),
+        (args.updates_per_step < 1, f"--updates-per-step {args.updates_per_step}: use 1 or more"),
+        (args.temperature <= 0, f"--temperature {args.temperature}: sampling needs a temperature > 0 (1 samples the policy)"),
+        (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: allow 1 or more"),
+        (args.max_prompt_tokens < 1, f"--max-prompt-tokens {args.max_prompt_tokens}: allow 1 or more"),
+        (args.lr <= 0, f"--lr {args.lr}: use a learning rate > 0"),
+        (args.beta < 0, f"--beta {args.beta}: the KL coefficient is >= 0 (0 = no reference)"),
+        (args.clip_eps <= 0, f"--clip-eps {args.clip_eps}: use a clip range > 0"),
+        (args.max_grad_norm <= 0, f"--max-grad-norm {args.max_grad_norm}: use a norm > 0"),
+        (not 0 <= args.format_reward < 1, f"--format-reward {args.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
+        (args.save_every < 0, f"--save-every {args.save_every}: use 0 (no checkpoints) or more"),
+        (args.lora_rank < 1, f"--lora-rank {args.lora_rank}: use 1 or more"),
+        (not 0 <= args.lora_dropout < 1, f"--lora-dropout {args.lora_dropout}: use 0 <= it < 1"),
+        (args.lora_merge and not args.lora, "--lora-merge merges LoRA adapters into the model: add --lora"),
+        (args.min_pixels is not None and args.min_pixels < 1, f"--min-pixels {args.min_pixels}: use 1 or more"),
+        (args.max_pixels is not None and args.max_pixels < 1, f"--max-pixels {args.max_pixels}: use 1 or more"),
+    ]  # fmt: skip
+    for bad, message in checks:
+        if bad:
+            raise SystemExit(message)
+
+
 def main(args: Args):
-    if args.group_size < 2:
-        raise SystemExit(f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more")
-    if args.task not in tasks.TASKS:
-        raise SystemExit(f"unknown task '{args.task}'; choose one of: {', '.join(tasks.TASKS)}")
+    checkpoint = state = None
+    if args.resume is not None:  # the run's own flags, from its latest checkpoint
+        args, checkpoint, state = resumed_args(args, Args())
     if args.max_new_tokens is None:  # the task's defaults, filled in at runtime
         args.max_new_tokens = tasks.MAX_NEW_TOKENS[args.task]
     if args.total_steps is None:
         args.total_steps = tasks.TOTAL_STEPS[args.task]
-    if args.dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"--dtype {args.dtype}: choose float32 or bfloat16")
+    check_args(args)
+    stop = StopSignals(log=tqdm.write)  # Ctrl-C / kill: finish the step, save, exit
+    try:
+        train(args, checkpoint, state, stop)
+    except KeyboardInterrupt:  # during setup: nothing trained yet
+        raise SystemExit("interrupted before the first step: nothing was trained") from None
+    finally:
+        stop.restore()
+
+
+def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSignals):
     start_time = time.time()  # the logged "time" counts from here, so it includes a first-run model build
-    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"
-    run_dir = os.path.join(args.output_dir, run_name)
+    if checkpoint is not None:
+        start_time -= state["time"]  # ... and continues over a resume
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
 
-    # Setup: task data, actor (the policy we train), reference (frozen KL anchor), optimizer
+    # Setup: task data, then whether its prompts fit (with the processor alone: before any weights load)
     train_examples = tasks.load_task(args.task, "train", args.train_size, args.dataset)
     eval_examples = tasks.load_task(args.task, "eval", args.eval_size, args.dataset)
+    if args.model == "tiny":
+        processor = tiny_processor(args.task, args.min_pixels, args.max_pixels)
+    else:
+        processor = load_processor(args.model, args.min_pixels, args.max_pixels)
+    for examples in (train_examples[: args.prompts_per_step], eval_examples[: args.prompts_per_step]):
+        build_prompts(processor, [e.image for e in examples], [e.question for e in examples], args.max_prompt_tokens)
+
+    # actor (the policy we train), reference (frozen KL anchor), optimizer
     model_path = tiny_model_dir(args.task) if args.model == "tiny" else args.model
     dtype = getattr(torch, args.dtype)
-    model, processor = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)
+    # a resumed full fine-tune starts from its checkpoint's weights; LoRA from the base, adapters loaded below
+    policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
+    model, processor = load_vlm(policy_path, dtype, device, args.min_pixels, args.max_pixels)
     # Memory and parameter-efficiency (README: "Memory and parameter-efficiency flags")
-    if args.lora_merge and not args.lora:
-        raise SystemExit("--lora-merge merges LoRA adapters into the model: add --lora")
     if args.freeze_vision_tower:  # the image encoder keeps its loaded weights; gradients stop at its output
         vision_tower(model)[1].requires_grad_(False)
     # each layer keeps only its input and is recomputed during backward; non-reentrant checkpointing also passes
     # gradients to LoRA adapters behind frozen layers (transformers calls enable_input_require_grads anyway)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference_fingerprint = None
     if args.lora:  # W x + (alpha / r) B A x on the chosen linears; every base weight is frozen
-        from peft import LoraConfig, get_peft_model  # imported only when used: importing peft is slow
+        from peft import LoraConfig, PeftModel, get_peft_model  # imported only when used: importing peft is slow
 
-        lora_config = LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=list(args.lora_target_modules),
-            # the language model only: some vision towers reuse these names (Qwen2.5-VL's MLP, SigLIP's q_proj)
-            exclude_modules=re.escape(vision_tower(model)[0]) + r"\..*",
-        )
-        model = get_peft_model(model, lora_config)
+        reference_fingerprint = weights_fingerprint(model)  # the base model is the reference
+        if checkpoint:
+            model = PeftModel.from_pretrained(model, os.path.join(checkpoint, "adapter"), is_trainable=True)
+        else:
+            lora_config = LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules=list(args.lora_target_modules),
+                # the language model only: some vision towers reuse these names (Qwen2.5-VL's MLP, SigLIP's q_proj)
+                exclude_modules=re.escape(vision_tower(model)[0]) + r"\..*",
+            )
+            model = get_peft_model(model, lora_config)
     model.train()
     # the reference (frozen KL anchor) is the initial policy; with LoRA that is the same model, adapters disabled
     ref_model = None
     if args.beta > 0 and not args.lora:
         ref_model = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False)
+        reference_fingerprint = weights_fingerprint(ref_model)
+    if checkpoint and reference_fingerprint != state["reference_fingerprint"]:
+        raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; frozen tower: not its weights
     optimizer = make_optimizer(args.optimizer, trainable, lr=args.lr)
+    if checkpoint:
+        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, dtype, args.seed, args.max_prompt_tokens + args.max_new_tokens)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
     print(memory_plan(model, optimizer, ref_model, engine_bytes))
@@ -246,15 +320,28 @@ def main(args: Args):
     eos_id = stop_token_id(processor)  # the family's end-of-turn token
     suppressed = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
 
-    os.makedirs(run_dir, exist_ok=True)
+    # TRY NOT TO MODIFY: the run directory (a new one, or the resumed one) and logging
+    if checkpoint:
+        run_dir = args.resume
+        records = truncate_metrics(run_dir, state["step"])  # steps logged after the checkpoint are done again
+        first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
+        last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
+        set_rng_states(state["rng"])  # the RNG states the run had after this step
+        start_step = state["step"]
+        print(f"resuming {run_dir} after step {start_step}")
+    else:
+        run_dir = new_run_dir(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}")
+        start_step = 0
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                   name=os.path.basename(run_dir), id=os.path.basename(run_dir).replace(".", "-"), resume="allow",
+                   save_code=True)  # fmt: skip
 
     def log(record):
-        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.write(json_line(record))
         metrics_file.flush()
         if args.track:
             wandb.log(record, step=record["step"])
@@ -263,12 +350,16 @@ def main(args: Args):
         rewards = greedy_rewards(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
         return tasks.summarize(args.task, rewards, "eval")
 
-    first_eval = last_eval = evaluate()
-    log({"step": 0, **first_eval, "time": round(time.time() - start_time, 2)})
-    progress = tqdm(range(1, args.total_steps + 1), desc="grpo", dynamic_ncols=True)
-    step = 0
-    # `kill` (SIGTERM, also what job schedulers send) stops the run like Ctrl-C: the model is saved
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    def checkpoint_now(step):
+        state = {"args": vars(args), "reference_fingerprint": reference_fingerprint, "time": time.time() - start_time}
+        return save_checkpoint(run_dir, step, model, processor, optimizer, args.lora, state)
+
+    if not checkpoint:
+        first_eval = last_eval = evaluate()
+        log({"step": 0, **first_eval, "time": round(time.time() - start_time, 2)})
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc="grpo", dynamic_ncols=True, initial=start_step, total=args.total_steps)
+    step = start_step
+    stop.loop_started()
     try:
         for step in progress:
             step_start = time.time()
@@ -363,16 +454,18 @@ def main(args: Args):
                 record.update(last_eval)
             log(record)
             progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_eval['eval/accuracy']:.3f}")
-    except KeyboardInterrupt:
-        tqdm.write(f"interrupted at step {step}: saving what was trained so far")
-    if args.lora:  # the adapter alone (megabytes): PeftModel.from_pretrained(base model, <run>/adapter) loads it
-        model.save_pretrained(os.path.join(run_dir, "adapter"))
-        processor.save_pretrained(os.path.join(run_dir, "adapter"))
-        if args.lora_merge:  # W + (alpha / r) B A folded into each weight: a plain checkpoint, no peft needed
-            model = model.merge_and_unload()
-    if not args.lora or args.lora_merge:  # loads with AutoModelForImageTextToText.from_pretrained(<run>/model)
-        model.save_pretrained(os.path.join(run_dir, "model"))
-        processor.save_pretrained(os.path.join(run_dir, "model"))
+            saved = args.save_every and step % args.save_every == 0
+            if saved:
+                checkpoint_now(step)
+            if stop.requested and step < args.total_steps:
+                if not saved:
+                    checkpoint_now(step)
+                tqdm.write(f"interrupted at step {step}: checkpoint saved; continue with --resume {run_dir}")
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C / kill: stop now, without saving a half-finished step
+        last = latest_checkpoint(run_dir)
+        raise SystemExit(f"stopped during step {step}: " + (f"continue from {last} with --resume {run_dir}" if last else "no checkpoint was saved"))
+    save_policy(model, processor, run_dir, args.lora, args.lora_merge)  # <run>/model or <run>/adapter
     metrics_file.close()
     change = ", ".join(f"{k} {first_eval[k]:.3f} → {last_eval[k]:.3f}" for k in first_eval)
     print(f"{change} in {time.time() - start_time:.0f}s; model and metrics in {run_dir}")

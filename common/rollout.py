@@ -36,6 +36,7 @@ from importlib.util import find_spec
 
 import torch
 from transformers import AutoConfig, AutoModel
+from transformers.utils import cached_file
 
 from common import STARTUP_DIR
 from common.vlm import stop_token_id, suppressed_token_ids
@@ -83,10 +84,8 @@ def transformers_backend_checkpoint(model_path: str, processor, out: str):
     """Fill `out` with the checkpoint as vLLM's Transformers backend should load it without torchvision: its files
     as symlinks, plus the image-only processor (IMAGE_ONLY_PROCESSOR_MODULE) and the engine's model module
     (ENGINE_MODEL_MODULE), each named by `auto_map` in its config."""
-    if not os.path.isdir(model_path):
-        from huggingface_hub import snapshot_download
-
-        model_path = snapshot_download(model_path)  # the cached copy the trainer loaded
+    if not os.path.isdir(model_path):  # a hub id: the snapshot folder of the files the trainer loaded, cached
+        model_path = os.path.dirname(cached_file(model_path, "config.json"))
     for name in os.listdir(model_path):
         if name not in ("processor_config.json", "config.json"):
             os.symlink(os.path.join(os.path.abspath(model_path), name), os.path.join(out, name))

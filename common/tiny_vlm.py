@@ -33,6 +33,7 @@ from common.vlm import (
     load_vlm,
     response_logprobs,
     response_mask,
+    set_image_size_limits,
     suppressed_token_ids,
 )
 
@@ -118,8 +119,9 @@ def train_tokenizer(
     return fast
 
 
-def build_random_tiny_vlm(out_dir: str, task: str = "counting"):
-    """Tokenizer + processor + randomly initialised Qwen2-VL, saved with save_pretrained. Deterministic."""
+def tiny_processor(task: str = "counting", min_pixels: int | None = None, max_pixels: int | None = None):
+    """The tiny model's processor (tokenizer, image processor, chat template), built in memory in milliseconds:
+    the same one its checkpoint saves, so the scripts can check their prompts before the model is built."""
     tokenizer = train_tokenizer(TINY["vocab_size"], tokenizer_corpus(task))
     size = TINY["image_size"]
     image_processor = Qwen2VLImageProcessorPil(
@@ -127,6 +129,14 @@ def build_random_tiny_vlm(out_dir: str, task: str = "counting"):
         temporal_patch_size=TINY["vision"]["temporal_patch_size"], min_pixels=size * size, max_pixels=size * size,
     )  # fmt: skip
     processor = Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    set_image_size_limits(processor, min_pixels, max_pixels)
+    return processor
+
+
+def build_random_tiny_vlm(out_dir: str, task: str = "counting"):
+    """Tokenizer + processor + randomly initialised Qwen2-VL, saved with save_pretrained. Deterministic."""
+    processor = tiny_processor(task)
+    tokenizer = processor.tokenizer
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen2VLConfig(
         text_config=dict(**TINY["text"], vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from common.vlm import load_vlm
 
@@ -113,32 +114,110 @@ def test_smoke_run_ends_with_the_accuracy_summary_and_an_offline_wandb_run(smoke
     "flags, message",
     [
         (["--group-size", "1"], "--group-size"),
-        (["--task", "cnt"], "counting"),
         (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
+        (["--eval-every", "0"], "--eval-every"),
+        (["--micro-batch-size", "0"], "--micro-batch-size"),
+        (["--prompts-per-step", "9"], "--train-size"),  # > --train-size 8
+        (["--prompts-per-step", "0"], "--prompts-per-step"),
+        (["--updates-per-step", "0"], "--updates-per-step"),
+        (["--temperature", "0"], "--temperature"),
+        (["--total-steps", "0"], "--total-steps"),
+        (["--eval-size", "0"], "--eval-size"),
+        (["--lora-merge"], "--lora"),
+        (["--max-prompt-tokens", "4"], "--max-prompt-tokens"),
+        (["--save-every", "-1"], "--save-every"),
+        (["--resume", "/nonexistent/run"], "/nonexistent/run"),
     ],
 )
-def test_bad_flag_exits_with_one_line_and_no_traceback(repo_root, tmp_path, flags, message):
-    result = run_grpo(repo_root, tmp_path, "--train-size", "8", "--eval-size", "4", "--output-dir", str(tmp_path), *flags)
+def test_bad_flag_exits_with_one_line_before_anything_loads(repo_root, tmp_path, flags, message):
+    """Checked before any model loads or builds: with an empty model cache, --model tiny would build for a minute
+    (VLRL_CACHE is empty here), and no run directory is made."""
+    start = time.time()
+    base = ["--train-size", "8", "--eval-size", "4", "--prompts-per-step", "2", "--output-dir", str(tmp_path / "runs")]
+    result = run_grpo(repo_root, tmp_path, *base, *flags)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert time.time() - start < 30 and not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
-def test_sigterm_stops_the_run_and_saves_the_model(repo_root, tiny_model_dir, tmp_path):
-    flags = ["--total-steps", "1000", "--eval-every", "1000", "--eval-size", "4", "--train-size", "32"]
-    flags += ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-skip-zero-advantage-groups"]
-    flags += ["--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir]
+@pytest.mark.parametrize("flag, value", [("--task", "cnt"), ("--optimizer", "foo"), ("--dtype", "float16"), ("--rollout-engine", "x")])
+def test_a_flag_outside_its_choices_is_refused_by_the_parser_with_the_choices(repo_root, tmp_path, flag, value):
+    result = run_grpo(repo_root, tmp_path, flag, value, "--output-dir", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"invalid choice '{value}'" in result.stderr and "Expected one of" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def start_grpo(repo_root, tmp_path, *flags, **popen):
     env = {**os.environ, "VLRL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "algos/grpo_vlm.py", *flags], cwd=repo_root, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(p.name == "metrics.jsonl" and p.stat().st_size > 0 for p in (tmp_path / "runs").rglob("*")):
-        time.sleep(0.5)
+    return subprocess.Popen([sys.executable, "algos/grpo_vlm.py", *flags], cwd=repo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
+
+
+def wait_for(condition, what, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"waited {timeout}s for {what}"
+        time.sleep(0.05)
+
+
+def ignore_sigint():  # what a shell does to a command it starts in the background (`python ... &` in a script)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum, preexec", [(signal.SIGTERM, None), (signal.SIGINT, ignore_sigint)], ids=["sigterm", "sigint-in-background"])
+def test_a_signal_stops_the_run_after_its_step_and_saves_a_checkpoint_and_the_model(repo_root, tiny_model_dir, tmp_path, signum, preexec):
+    flags = ["--total-steps", "1000", "--eval-every", "1000", "--eval-size", "4", "--train-size", "32", "--save-every", "0"]
+    flags += ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-skip-zero-advantage-groups"]
+    process = start_grpo(repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir, preexec_fn=preexec)
+    wait_for(lambda: any(p.name == "metrics.jsonl" and p.stat().st_size > 0 for p in (tmp_path / "runs").rglob("*")), "step 0")
     time.sleep(2)  # a few training steps
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, out[-3000:]
-    assert "interrupted at step" in out
+    assert "interrupted at step" in out and "--resume" in out, out[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "model" / "config.json").exists()
+    (checkpoint,) = run_dir.glob("checkpoint-*")
+    last_step = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert checkpoint.name == f"checkpoint-{last_step}"
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint_to_the_uninterrupted_runs_end(repo_root, tiny_model_dir, tmp_path):
+    flags = ["--total-steps", "40", "--save-every", "5", "--eval-every", "10", "--eval-size", "8", "--train-size", "64"]
+    flags += ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-skip-zero-advantage-groups"]
+    flags += ["--model", tiny_model_dir]
+    straight = run_grpo(repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    process = start_grpo(repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "killed"))
+    wait_for(lambda: list((tmp_path / "killed").glob("*/checkpoint-[0-9]*[0-9]")), "the first checkpoint")
+    process.kill()  # SIGKILL: nothing runs on the way out
+    process.communicate(timeout=60)
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    assert not (run_dir / "model").exists(), "the run finished before it was killed: give it more steps"
+    resumed = run_grpo(repo_root, tmp_path, "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (straight_dir,) = (tmp_path / "straight").iterdir()
+    a, b = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight_dir, run_dir))
+    assert [r["step"] for r in b] == list(range(41))
+    same = ("eval/accuracy", "charts/reward_mean", "charts/response_length", "losses/loss", "losses/kl")
+    assert [[r.get(k) for k in same] for r in a] == [[r.get(k) for k in same] for r in b]
+    final_a = load_file(straight_dir / "model" / "model.safetensors")
+    final_b = load_file(run_dir / "model" / "model.safetensors")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(repo_root, tiny_model_dir, tmp_path):
+    """Every name this run could get from its start time is taken: it must make a new directory, not reuse one."""
+    now, out = int(time.time()), tmp_path / "runs"
+    taken = [out / f"counting__grpo_vlm__1__{t}" for t in range(now, now + 120)]
+    for path in taken:
+        path.mkdir(parents=True)
+    flags = ["--total-steps", "1", "--eval-size", "4", "--train-size", "8", "--prompts-per-step", "2", "--group-size", "2"]
+    result = run_grpo(repo_root, tmp_path, *flags, "--max-new-tokens", "4", "--model", tiny_model_dir, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(not any(path.iterdir()) for path in taken)
+    (new,) = [p for p in out.iterdir() if p not in taken]
+    assert new.name.endswith("-2") and (new / "metrics.jsonl").exists()

@@ -41,19 +41,20 @@ def run(args, repo_root, hf_home, tmp_path):
 
 def test_a_hub_id_loads_from_the_offline_cache(repo_root, hf_home, tiny_model_dir, tmp_path):
     snapshot = hf_home / "hub" / "models--org--name" / "snapshots" / REVISION
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
     code = (
-        "from huggingface_hub import snapshot_download; from common.vlm import load_vlm\n"
+        "from common.rollout import transformers_backend_checkpoint; from common.vlm import load_vlm\n"
         "model, processor = load_vlm('org/name')\n"
         "print(type(model).__name__, type(processor).__name__, model.config.text_config.vocab_size)\n"
-        "print(snapshot_download('org/name'))  # how common/rollout.py finds the files for vLLM\n"
+        f"transformers_backend_checkpoint('org/name', processor, {str(engine_dir)!r})  # vLLM's copy of the files\n"
     )
     out = run(["-c", code], repo_root, hf_home, tmp_path)
     assert out.returncode == 0, out.stderr
     vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir))  # the tiny checkpoint's own
-    assert out.stdout.splitlines()[-2:] == [
-        f"Qwen2VLForConditionalGeneration Qwen2VLProcessor {vocab}",
-        str(snapshot),
-    ]
+    assert out.stdout.splitlines()[-1] == f"Qwen2VLForConditionalGeneration Qwen2VLProcessor {vocab}"
+    weights = engine_dir / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (snapshot / "model.safetensors").resolve()
 
 
 def test_the_script_trains_a_hub_id_from_the_offline_cache(repo_root, hf_home, tmp_path):

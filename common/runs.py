@@ -1,0 +1,179 @@
+"""A run's directory, its metrics and its checkpoints: what every algorithm does the same way.
+
+    <output_dir>/<run_name>/
+        metrics.jsonl        one strict-JSON object per line: step 0's eval, then one per step
+        checkpoint-<step>/   the latest checkpoint (--save-every): the policy (model/ or adapter/), optimizer.pt, state.pt
+        model/ or adapter/   the trained policy, saved at the end (or when the run is stopped)
+
+A checkpoint is written to checkpoint-<step>.tmp/ and then renamed, which is atomic: a run killed while writing
+one leaves the previous checkpoint whole. `--resume <run dir>` continues from the latest checkpoint, in the same
+directory, with the same flags, RNG states and optimizer state, so that the resumed run is the run that was not
+interrupted.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+
+import torch
+
+
+def new_run_dir(output_dir: str, run_name: str) -> str:
+    """Create and return <output_dir>/<run_name>; never an existing directory: a run started in the same second
+    with the same name (a same-seed sweep) gets <run_name>-2, -3, ... (os.mkdir fails if the name is taken, so two
+    runs cannot both get one)."""
+    os.makedirs(output_dir, exist_ok=True)
+    for n in range(1, 10_000):
+        path = os.path.join(output_dir, run_name if n == 1 else f"{run_name}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise SystemExit(f"{output_dir} holds 10,000 runs named {run_name}: pass another --output-dir or --exp-name")
+
+
+def json_line(record: dict) -> str:
+    """One line of metrics.jsonl. NaN and infinity are not JSON (JSON.parse and strict parsers reject them): a
+    non-finite number is logged as null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(run_dir: str, last_step: int) -> list[dict]:
+    """Drop the records logged after `last_step` (steps a killed run did after its last checkpoint; the resumed run
+    logs them again), atomically. Returns the records kept."""
+    records = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json_line(r) for r in records)
+    os.replace(path + ".tmp", path)
+    return records
+
+
+def save_policy(model, processor, out_dir: str, lora: bool, merge: bool = False):
+    """The trained policy as checkpoints on disk. Full fine-tuning: <out_dir>/model (save_pretrained). LoRA: the
+    adapter alone in <out_dir>/adapter (megabytes; PeftModel.from_pretrained(base model, <out_dir>/adapter)), and
+    with `merge` also <out_dir>/model, base + (alpha / r) B A folded into each weight (a plain checkpoint, no peft).
+    Merging changes `model` in place: only at the end of a run."""
+    if lora:
+        model.save_pretrained(os.path.join(out_dir, "adapter"))
+        processor.save_pretrained(os.path.join(out_dir, "adapter"))
+        if not merge:
+            return
+        model = model.merge_and_unload()
+    model.save_pretrained(os.path.join(out_dir, "model"))
+    processor.save_pretrained(os.path.join(out_dir, "model"))
+
+
+def rng_states() -> dict:
+    """Every random generator a step draws from: Python's (the prompts), torch's (sampling), CUDA's."""
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's weights (each tensor's name, shape and first and last values): tells whether a
+    resumed run's reference policy is the one the run started with, in milliseconds even for billions of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().flatten()
+        sample = torch.cat([flat[:8], flat[-8:]]).float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(run_dir: str, step: int, model, processor, optimizer, lora: bool, state: dict) -> str:
+    """Write checkpoint-<step> atomically (see the module docstring), then remove older checkpoints. `state` holds
+    what the script needs to continue (its flags, the reference's fingerprint, ...); the step and every RNG state
+    are added here."""
+    final = os.path.join(run_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+    save_policy(model, processor, tmp, lora)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({**state, "step": step, "rng": rng_states()}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)  # a stop right after a periodic save writes the same step again
+    os.rename(tmp, final)
+    for old in glob.glob(os.path.join(run_dir, "checkpoint-*")):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint-<step> of a run dir, or None (unfinished .tmp writes are not checkpoints)."""
+    steps = [int(m.group(1)) for d in os.listdir(run_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return os.path.join(run_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def load_checkpoint_state(checkpoint: str) -> dict:
+    """state.pt of a checkpoint: the script's state, the step, the RNG states (plain Python and tensors)."""
+    return torch.load(os.path.join(checkpoint, "state.pt"), weights_only=False)
+
+
+def resumed_args(args, defaults):
+    """--resume <run dir>: (the run's own flags, its latest checkpoint, the checkpoint's state). The run continues
+    with the flags it was started with; a flag given now that differs from both its default and the run's value is
+    refused (it would make the resumed run another run)."""
+    run_dir = args.resume
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        raise SystemExit(f"--resume {run_dir}: not a run directory (no metrics.jsonl); pass <output_dir>/<run_name>")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise SystemExit(f"--resume {run_dir}: no checkpoint-<step> in it yet (one is saved every --save-every steps)")
+    state = load_checkpoint_state(checkpoint)
+    saved = state["args"]
+    changed = [k for k, v in vars(args).items() if k != "resume" and v != getattr(defaults, k) and v != saved[k]]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in changed)
+        raise SystemExit(f"--resume continues {run_dir} with the flags it was started with: drop {flags}")
+    if read_metrics(run_dir)[-1]["step"] >= saved["total_steps"]:
+        raise SystemExit(f"--resume {run_dir}: the run finished all its {saved['total_steps']} steps")
+    return type(args)(**{**saved, "resume": run_dir}), checkpoint, state
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and `kill` (SIGTERM, what job schedulers send before they kill a job) stop a run cleanly.
+
+    Before `loop_started()` a signal raises KeyboardInterrupt at once, as Ctrl-C does. In the loop, the first one
+    only sets `requested`: the loop ends after the current step, so the weights are never saved halfway through an
+    update, and the script saves a checkpoint and the policy; a second signal raises KeyboardInterrupt at once.
+    The handlers are installed explicitly: a run started in the background by a shell script inherits an ignored
+    SIGINT, and Python would keep ignoring it. `restore()` puts back the previous handlers."""
+
+    def __init__(self, log=print):
+        self.requested, self.in_loop, self.log = False, False, log
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def loop_started(self):
+        self.in_loop = True
+
+    def handle(self, signum, frame):
+        if not self.in_loop or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log(f"{signal.Signals(signum).name}: stopping after this step (checkpoint and policy saved); again to stop now")
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,157 @@
+"""Run directories, strict metrics, checkpoints and --resume (common/runs.py and the script's use of them).
+
+The resume tests run algos/grpo_vlm.py's `main` in-process on the random tiny model, with rewards replaced by
+0, 1, 0, 1, ... so that every step really updates the weights: a resumed run can only match the run that was not
+interrupted if the weights, the optimizer's moments, the LR schedule and every RNG state were restored.
+"""
+
+import itertools
+import json
+
+import pytest
+import torch
+import tyro
+from safetensors.torch import load_file
+
+from common import runs
+
+BUDGET = ["--prompts-per-step", "2", "--group-size", "2", "--train-size", "32", "--eval-size", "4"]
+BUDGET += ["--max-new-tokens", "4", "--lr", "1e-2", "--eval-every", "3", "--no-anneal-lr"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the script catches it, nothing is saved on the way out."""
+
+
+def strict_records(run_dir):
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return [json.loads(line, parse_constant=reject) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_main(grpo, model_dir, out, *flags, kill_at_step=None, grad_norm=None):
+    """The script's main with these flags; rewards alternate 0, 1, ...; `kill_at_step`: die as that step's metrics
+    are about to be written; `grad_norm`: what clip_grad_norm_ reports (NaN: every update is skipped)."""
+    rewards = itertools.count()
+    json_line = grpo.json_line
+
+    def dying_json_line(record):
+        if record["step"] == kill_at_step:
+            raise Killed
+        return json_line(record)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grpo.tasks, "reward_fn", lambda task, box_frame=None: lambda c, a, f=0.0: float(next(rewards) % 2))
+        patch.setattr(grpo, "json_line", dying_json_line)
+        if grad_norm is not None:
+            patch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(grad_norm))
+        grpo.main(tyro.cli(grpo.Args, args=[*BUDGET, "--model", model_dir, "--output-dir", str(out), *flags]))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+POLICY = {(): "model/model.safetensors", ("--lora",): "adapter/adapter_model.safetensors"}  # what each saves
+
+
+@pytest.fixture(scope="module", params=list(POLICY), ids=["full", "lora"])
+def flags(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def straight(grpo, tiny_model_dir, tmp_path_factory, one_thread, flags):
+    """6 steps, checkpoints every 2, never interrupted: (run dir, final trained weights)."""
+    out = tmp_path_factory.mktemp("straight")
+    run_main(grpo, tiny_model_dir, out, "--total-steps", "6", "--save-every", "2", *flags)
+    (run_dir,) = out.iterdir()
+    return run_dir, load_file(run_dir / POLICY[flags])
+
+
+@pytest.fixture(scope="module")
+def resumed(grpo, tiny_model_dir, tmp_path_factory, straight, flags):
+    """The same run killed during step 5 (its last checkpoint: step 4), then resumed: (run dir, final weights)."""
+    out = tmp_path_factory.mktemp("resumed")
+    with pytest.raises(Killed):
+        run_main(grpo, tiny_model_dir, out, "--total-steps", "6", "--save-every", "2", *flags, kill_at_step=5)
+    (run_dir,) = out.iterdir()
+    assert not (run_dir / POLICY[flags]).exists() and runs.latest_checkpoint(str(run_dir)).endswith("checkpoint-4")
+    run_main(grpo, tiny_model_dir, out, "--resume", str(run_dir))
+    assert [p.name for p in out.iterdir()] == [run_dir.name], "a resumed run continues in its own directory"
+    return run_dir, load_file(run_dir / POLICY[flags])
+
+
+def test_a_resumed_run_ends_with_the_weights_of_the_run_that_was_not_interrupted(straight, resumed):
+    assert straight[1].keys() == resumed[1].keys()
+    for name, tensor in straight[1].items():
+        torch.testing.assert_close(resumed[1][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_the_weights_moved_so_the_comparison_means_something(straight, resumed, tiny_model_dir, flags):
+    if flags == ("--lora",):  # B starts at 0
+        assert max(t.abs().max().item() for k, t in straight[1].items() if "lora_B" in k) > 1e-3
+    else:
+        start = load_file(f"{tiny_model_dir}/model.safetensors")
+        assert max((straight[1][k] - start[k]).abs().max().item() for k in start) > 1e-3
+
+
+def test_a_resumed_run_logs_each_step_once_with_the_same_metrics(straight, resumed):
+    a, b = strict_records(straight[0]), strict_records(resumed[0])
+    assert [r["step"] for r in b] == list(range(7))  # step 5, logged again after the resume, only once
+    for x, y in zip(a, b):
+        for key in x:
+            if key not in ("time", "charts/step_time", "charts/tokens_per_second"):
+                assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
+
+
+def test_resume_refuses_a_changed_flag_and_a_finished_run(grpo, tiny_model_dir, straight, resumed):
+    with pytest.raises(SystemExit, match="finished all its 6 steps"):
+        run_main(grpo, tiny_model_dir, straight[0].parent, "--resume", str(straight[0]))
+    with pytest.raises(SystemExit, match=r"drop --lr 0\.5 \(the run's: 0\.01\)"):
+        run_main(grpo, tiny_model_dir, resumed[0].parent, "--resume", str(resumed[0]), "--lr", "0.5")
+
+
+def test_only_the_latest_checkpoint_is_kept_and_holds_what_resume_needs(straight, flags):
+    (checkpoint,) = straight[0].glob("checkpoint-*")
+    assert checkpoint.name == "checkpoint-6"
+    assert {p.name for p in checkpoint.iterdir()} == {POLICY[flags].split("/")[0], "optimizer.pt", "state.pt"}
+    state = runs.load_checkpoint_state(str(checkpoint))
+    assert state["step"] == 6 and state["args"]["total_steps"] == 6 and {"python", "torch"} <= state["rng"].keys()
+
+
+def test_a_skipped_update_logs_null_not_nan(grpo, tiny_model_dir, tmp_path, one_thread):
+    run_main(grpo, tiny_model_dir, tmp_path, "--total-steps", "1", grad_norm=float("nan"))
+    (run_dir,) = tmp_path.iterdir()
+    records = strict_records(run_dir)  # raises on NaN
+    assert records[1]["losses/grad_norm"] is None
+
+
+def test_json_line_writes_non_finite_numbers_as_null():
+    line = runs.json_line({"step": 1, "a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 0.5})
+    assert json.loads(line) == {"step": 1, "a": None, "b": None, "c": None, "d": 0.5}
+    assert "NaN" not in line and "Infinity" not in line and line.endswith("\n")
+
+
+def test_a_checkpoint_interrupted_while_written_leaves_the_previous_one_whole(tmp_path, tiny_vlm):
+    model, processor = tiny_vlm
+    optimizer = torch.optim.AdamW(model.parameters())
+    first = runs.save_checkpoint(str(tmp_path), 2, model, processor, optimizer, False, {"args": {}})
+    (tmp_path / "checkpoint-4.tmp").mkdir()  # a kill during the next write leaves this behind
+    (tmp_path / "checkpoint-4.tmp" / "optimizer.pt").write_bytes(b"half")
+    assert runs.latest_checkpoint(str(tmp_path)) == first
+    assert runs.load_checkpoint_state(first)["step"] == 2
+
+
+def test_new_run_dirs_are_never_reused(tmp_path):
+    made = [runs.new_run_dir(str(tmp_path), "counting__grpo_vlm__1__1700000000") for _ in range(3)]
+    assert [p.rsplit("/", 1)[1] for p in made] == [
+        "counting__grpo_vlm__1__1700000000",
+        "counting__grpo_vlm__1__1700000000-2",
+        "counting__grpo_vlm__1__1700000000-3",
+    ]
