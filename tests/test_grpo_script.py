@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,15 @@ def test_smoke_run_saves_a_model_that_reloads(smoke):
     assert (run_dir / "model" / "config.json").exists() and (run_dir / "model" / "model.safetensors").exists()
     model, processor = load_vlm(str(run_dir / "model"))
     assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") == model.generation_config.eos_token_id
+
+
+def test_readmes_reload_snippet_loads_the_saved_model_and_processor(smoke, repo_root):
+    """README promises how to reload a trained policy: its snippet, run as written, on this (CPU) machine."""
+    readme = (repo_root / "README.md").read_text()
+    snippet = re.search(r"```python\n(# reload a trained policy.*?)```", readme, re.DOTALL).group(1)
+    namespace = {}
+    exec(snippet.replace("runs/<run_name>/model", str(smoke[1] / "model")), namespace)
+    assert namespace["model"].config.model_type == "qwen2_vl" and hasattr(namespace["processor"], "image_processor")
 
 
 def test_smoke_run_ends_with_the_accuracy_summary_and_an_offline_wandb_run(smoke):
