@@ -132,7 +132,7 @@ def test_lora_adapts_exactly_the_language_model_linears_named_by_the_targets(run
 
 def test_lora_never_adapts_the_vision_tower_even_when_a_target_name_is_found_there(run):
     # qkv and fc1 exist only in the tiny Qwen2-VL's vision blocks (as gate_proj does in Qwen2.5-VL's)
-    policy = run("--lora", "--lora-target-modules", "q_proj", "qkv", "fc1", "--total-steps", "0").models[0]
+    policy = run("--lora", "--lora-target-modules", "q_proj", "qkv", "fc1").models[0]
     adapted = {n for n, m in policy.named_modules() if hasattr(m, "lora_A")}
     assert adapted and all(n.endswith(".q_proj") and ".language_model." in n for n in adapted), adapted
 

@@ -13,7 +13,10 @@ def test_ctrl_c_during_the_build_leaves_nothing_in_the_cache(repo_root, tmp_path
     cache = tmp_path / "cache"
     code = "from common.tiny_vlm import tiny_model_dir; tiny_model_dir('counting')"
     env = {**os.environ, "VLRL_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    build = subprocess.Popen([sys.executable, "-u", "-c", code], cwd=repo_root, env=env, stdout=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a suite run in the background (`pytest &`) ignores SIGINT, and so would the child
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    build = subprocess.Popen([sys.executable, "-u", "-c", code], cwd=repo_root, env=env, stdout=subprocess.PIPE, text=True,
+                             preexec_fn=default_sigint)  # fmt: skip
     try:
         assert "building the embedded tiny VLM" in build.stdout.readline()
         deadline = time.time() + 120
