@@ -129,7 +129,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def load_checkpoint_state(checkpoint: str) -> dict:
     """state.pt of a checkpoint: the script's state, the step, the RNG states (plain Python and tensors)."""
-    return torch.load(os.path.join(checkpoint, "state.pt"), weights_only=False)
+    return torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
 
 
 def resumed_args(args, defaults):

@@ -57,10 +57,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-POLICY = {(): "model/model.safetensors", ("--lora",): "adapter/adapter_model.safetensors"}  # what each saves
+POLICY = {  # flags: the file of the trained weights
+    (): "model/model.safetensors",
+    ("--lora",): "adapter/adapter_model.safetensors",
+    ("--optimizer", "adamw8bit-offload"): "model/model.safetensors",  # its state: 8-bit moments, fp32 master weights
+}
 
 
-@pytest.fixture(scope="module", params=list(POLICY), ids=["full", "lora"])
+@pytest.fixture(scope="module", params=list(POLICY), ids=["full", "lora", "adamw8bit-offload"])
 def flags(request):
     return request.param
 
