@@ -202,8 +202,11 @@ def tiny_model_dir(task: str) -> str:
     remove_stale_builds(path)
     tmp = f"{path}.tmp{os.getpid()}"  # build aside, then rename: an interrupted build leaves no half model
     try:
-        build_random_tiny_vlm(tmp, task)
-        warm_start(tmp, task, **WARM_START[task])
+        # the build seeds torch itself; fork_rng gives the caller its random state back, so that a run that builds
+        # the model samples exactly what the same run with the model already cached does
+        with torch.random.fork_rng():
+            build_random_tiny_vlm(tmp, task)
+            warm_start(tmp, task, **WARM_START[task])
         open(os.path.join(tmp, "DONE"), "w").write(f"built in {time.time() - t0:.1f}s\n")
     except BaseException:  # Ctrl-C (KeyboardInterrupt) included: nothing would ever remove the folder
         shutil.rmtree(tmp, ignore_errors=True)

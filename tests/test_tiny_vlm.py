@@ -39,3 +39,20 @@ def test_a_build_folder_whose_process_is_gone_is_removed(tmp_path):
     remove_stale_builds(str(path))
     # the running build (this process) and another model's folder stay
     assert sorted(os.listdir(tmp_path)) == sorted([f"{path.name}.tmp{os.getpid()}", f"other.tmp{dead_pid}"])
+
+
+def test_building_the_model_leaves_the_callers_random_state_as_it_was(tmp_path, monkeypatch):
+    """A first run (which builds the model) must sample what the same run does with the model cached."""
+    import random
+
+    import torch
+
+    from common import tiny_vlm
+
+    monkeypatch.setenv("VLRL_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_vlm, "warm_start", lambda *args, **kwargs: torch.manual_seed(0))  # seeds, as the real one
+    torch.manual_seed(1)
+    random.seed(1)
+    before = torch.get_rng_state(), random.getstate()
+    tiny_vlm.tiny_model_dir("counting")  # builds: random init under its own seed, then the warm start
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
