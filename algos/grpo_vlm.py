@@ -36,7 +36,6 @@ from common.runs import (  # noqa: E402
     json_line,
     latest_checkpoint,
     new_run_dir,
-    read_metrics,
     resumed_args,
     save_checkpoint,
     save_policy,
