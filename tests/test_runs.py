@@ -97,7 +97,7 @@ def test_a_resumed_run_ends_with_the_weights_of_the_run_that_was_not_interrupted
         torch.testing.assert_close(resumed[1][name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
-def test_the_weights_moved_so_the_comparison_means_something(straight, resumed, tiny_model_dir, flags):
+def test_the_weights_moved_so_the_comparison_means_something(straight, tiny_model_dir, flags):
     if flags == ("--lora",):  # B starts at 0
         assert max(t.abs().max().item() for k, t in straight[1].items() if "lora_B" in k) > 1e-3
     else:
@@ -119,6 +119,18 @@ def test_resume_refuses_a_changed_flag_and_a_finished_run(grpo, tiny_model_dir, 
         run_main(grpo, tiny_model_dir, straight[0].parent, "--resume", str(straight[0]))
     with pytest.raises(SystemExit, match=r"drop --lr 0\.5 \(the run's: 0\.01\)"):
         run_main(grpo, tiny_model_dir, resumed[0].parent, "--resume", str(resumed[0]), "--lr", "0.5")
+
+
+def test_resume_refuses_a_reference_model_other_than_the_runs(grpo, tiny_model_dir, tmp_path, one_thread):
+    with pytest.raises(Killed):
+        run_main(grpo, tiny_model_dir, tmp_path, "--total-steps", "4", "--save-every", "2", kill_at_step=3)
+    (run_dir,) = tmp_path.iterdir()
+    state_file = run_dir / "checkpoint-2" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["reference_fingerprint"] == runs.weights_fingerprint(grpo.load_vlm(tiny_model_dir)[0])
+    torch.save({**state, "reference_fingerprint": "another model"}, state_file)  # as if --model's weights changed
+    with pytest.raises(SystemExit, match="not the one the run started with"):
+        run_main(grpo, tiny_model_dir, tmp_path, "--resume", str(run_dir))
 
 
 def test_only_the_latest_checkpoint_is_kept_and_holds_what_resume_needs(straight, flags):
