@@ -17,7 +17,6 @@ Docs: README.md ("The GRPO script"). Not meant to be imported except for the pur
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common import tasks  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
+from common.policy import prepare_policy, sequence_logprobs  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
 from common.runs import (  # noqa: E402
     StopSignals,
@@ -56,7 +56,6 @@ from common.vlm import (  # noqa: E402
     select,
     stop_token_id,
     suppressed_token_ids,
-    vision_tower,
 )
 
 
@@ -276,31 +275,11 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     # a resumed full fine-tune starts from its checkpoint's weights; LoRA from the base, adapters loaded below
     policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
     model, processor = load_vlm(policy_path, dtype, device, args.min_pixels, args.max_pixels)
-    # Memory and parameter-efficiency (README: "Memory and parameter-efficiency flags")
-    if args.freeze_vision_tower:  # the image encoder keeps its loaded weights; gradients stop at its output
-        vision_tower(model)[1].requires_grad_(False)
-    # each layer keeps only its input and is recomputed during backward; non-reentrant checkpointing also passes
-    # gradients to LoRA adapters behind frozen layers (transformers calls enable_input_require_grads anyway)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference_fingerprint = None
-    if args.lora:  # W x + (alpha / r) B A x on the chosen linears; every base weight is frozen
-        from peft import LoraConfig, PeftModel, get_peft_model  # imported only when used: importing peft is slow
-
-        reference_fingerprint = weights_fingerprint(model)  # the base model is the reference
-        if checkpoint:
-            model = PeftModel.from_pretrained(model, os.path.join(checkpoint, "adapter"), is_trainable=True)
-        else:
-            lora_config = LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                target_modules=list(args.lora_target_modules),
-                # the language model only: some vision towers reuse these names (Qwen2.5-VL's MLP, SigLIP's q_proj)
-                exclude_modules=re.escape(vision_tower(model)[0]) + r"\..*",
-            )
-            model = get_peft_model(model, lora_config)
-    model.train()
+    reference_fingerprint = weights_fingerprint(model) if args.lora else None  # LoRA: the base is the reference
+    lora = dict(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                target_modules=list(args.lora_target_modules)) if args.lora else None  # fmt: skip
+    adapter_dir = os.path.join(checkpoint, "adapter") if checkpoint and args.lora else None
+    model = prepare_policy(model, args.freeze_vision_tower, args.gradient_checkpointing, lora, adapter_dir)  # docs/memory.md
     # the reference (frozen KL anchor) is the initial policy; with LoRA that is the same model, adapters disabled
     ref_model = None
     if args.beta > 0 and not args.lora:
@@ -397,19 +376,12 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             # old_logprobs is the update's own forward, detached: a forward pass saved (rho = 1 exactly).
             N, mb = len(advantages), args.micro_batch_size
 
-            def score(m):  # log-probs of the N responses under model m, micro-batch by micro-batch: (N, T)
-                chunks = [
-                    response_logprobs(m, select(inputs, range(s, min(s + mb, N))), response_ids[s : s + mb], mask[s : s + mb], suppressed, args.temperature)
-                    for s in range(0, N, mb)
-                ]  # fmt: skip
-                return torch.cat(chunks) if chunks else torch.zeros_like(mask)
-
-            with torch.no_grad():
-                old_logprobs = score(model) if args.updates_per_step > 1 else None
-                ref_logprobs = score(ref_model) if ref_model is not None else None
-                if args.lora and args.beta > 0:
-                    with model.disable_adapter():  # the reference: base weights only, exactly the initial policy
-                        ref_logprobs = score(model)
+            scoring = (inputs, response_ids, mask, suppressed, args.temperature, mb)  # sequence_logprobs: no gradients
+            old_logprobs = sequence_logprobs(model, *scoring) if args.updates_per_step > 1 else None
+            ref_logprobs = sequence_logprobs(ref_model, *scoring) if ref_model is not None else None
+            if args.lora and args.beta > 0:
+                with model.disable_adapter():  # the reference: base weights only, exactly the initial policy
+                    ref_logprobs = sequence_logprobs(model, *scoring)
 
             # ALGO LOGIC 4. update: micro-batches with gradient accumulation, then one clipped optimizer step
             for _ in range(args.updates_per_step):

@@ -1,4 +1,4 @@
-"""Every supported VLM family through the same code path: a tiny random-init checkpoint of each (tests/tiny_families.py)
+"""Every supported VLM family through the same code path: a tiny random-init checkpoint of each (common/families.py)
 is trained for one GRPO step as a user runs the script, and scored the way the trainer scores: batched log-probs
 equal per-sample ones, training log-probs equal the sampling distribution of `generate`, and the Qwen-VL M-RoPE
 offsets cached by `generate` do not leak into the next forward."""
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_families import FAMILIES, build
 
+from common.families import FAMILIES, build
 from common.vlm import (
     box_convention,
     build_prompts,

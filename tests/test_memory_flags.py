@@ -13,6 +13,7 @@ import torch
 import tyro
 from transformers import AutoModelForImageTextToText
 
+import common.policy
 from common.vlm import load_vlm, response_logprobs, vision_tower
 
 BUDGET = ["--total-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--train-size", "8"]
@@ -66,7 +67,8 @@ def run_script(grpo, model_dir, tmp_path, *flags) -> Run:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(grpo, "load_vlm", recording_load_vlm)
-        patch.setattr(grpo, "response_logprobs", recording_response_logprobs)
+        patch.setattr(grpo, "response_logprobs", recording_response_logprobs)  # the update's forward
+        patch.setattr(common.policy, "response_logprobs", recording_response_logprobs)  # scoring without grad
         patch.setattr(torch.optim.Optimizer, "__init__", recording_optimizer_init)
         patch.setattr(grpo.tasks, "reward_fn", alternating_reward_fn)
         out = tmp_path / "runs"

@@ -1,8 +1,9 @@
-"""Tiny random-init checkpoints of the four VLM families vlrl supports, built offline in about a second each.
+"""Random-init checkpoints of the four VLM families vlrl supports, built offline: tiny ones (about a second each)
+for the tests, and the Qwen-VL ones at any size (benchmarks/gpu_memory.py builds the published sizes).
 
-Each is the family's real config and model class at tiny size (text: hidden 128, 4 heads of 32, 2 layers; vision:
+Each is the family's real config and model class (tiny by default (text: hidden 128, 4 heads of 32, 2 layers; vision:
 2 blocks of 64), the project's own tokenizer (`common.tiny_vlm.train_tokenizer`) carrying the family's special
-tokens, and the family's processor with its chat template (the real one, shortened to the parts a one-image
+tokens (any vocab_size at least as large keeps its ids), and the family's processor with its chat template (the real one, shortened to the parts a one-image
 prompt uses). Saved with save_pretrained, so the tests drive it through `--model <dir>` exactly as a user drives
 a hub checkpoint.
 
@@ -95,45 +96,58 @@ def qwen2_image_processor(patch_size=14, **kwargs):
     return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2, **kwargs)
 
 
-QWEN_FAMILIES = {  # model_type: (config class, model class, vision config, M-RoPE, image processor, chat template, text extras)
+QWEN_FAMILIES = {  # model_type: (config class, model class, image processor, chat template)
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, qwen2_image_processor, QWEN2_VL_TEMPLATE),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, qwen2_image_processor, QWEN2_VL_TEMPLATE),
+    # Qwen3-VL uses Qwen2-VL's image processor with 16-px patches (a multiple of 32 px per side) and mean/std 0.5
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                 lambda **kw: qwen2_image_processor(16, image_mean=[0.5] * 3, image_std=[0.5] * 3, **kw), QWEN3_VL_TEMPLATE),
+}  # fmt: skip
+TINY_QWEN = {  # model_type: (vision config, rope parameters, text extras, image pixels) at tiny size
     "qwen2_vl": (
-        Qwen2VLConfig, Qwen2VLForConditionalGeneration,
         dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=TEXT["hidden_size"], patch_size=14,
              spatial_merge_size=2, temporal_patch_size=2),
         {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},  # sums to head_dim / 2
-        lambda: qwen2_image_processor(**QWEN_IMAGE_PIXELS), QWEN2_VL_TEMPLATE, {},
+        {}, QWEN_IMAGE_PIXELS,
     ),
     "qwen2_5_vl": (
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
         # window_size 56 px = 2x2 merged tokens per attention window; block 1 attends over the whole image
         dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=TEXT["hidden_size"],
              patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
         {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        lambda: qwen2_image_processor(**QWEN_IMAGE_PIXELS), QWEN2_VL_TEMPLATE, {},
+        {}, QWEN_IMAGE_PIXELS,
     ),
     "qwen3_vl": (
-        Qwen3VLConfig, Qwen3VLForConditionalGeneration,
         # 8x8 learned position embeddings, interpolated to each image's grid (as the real 48x48)
         dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=TEXT["hidden_size"],
              patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
              deepstack_visual_indexes=[0]),
         {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
-        # Qwen3-VL uses Qwen2-VL's image processor with 16-px patches: a multiple of 32 px per side
-        lambda: qwen2_image_processor(16, min_pixels=64 * 64, max_pixels=128 * 128, image_mean=[0.5] * 3, image_std=[0.5] * 3),
-        QWEN3_VL_TEMPLATE, {"head_dim": 32},
+        {"head_dim": 32}, dict(min_pixels=64 * 64, max_pixels=128 * 128),
     ),
 }  # fmt: skip
 
 
-def build_qwen(out_dir, model_type):
-    """A Qwen-VL family member: tokenizer with Qwen's special tokens, the family's config at tiny size, processor."""
-    config_class, model_class, vision, rope, image_processor, template, text_extra = QWEN_FAMILIES[model_type]
+def qwen_vlm(model_type: str, text: dict, vision: dict, rope: dict, image_pixels: dict):
+    """(config, processor) of a Qwen-VL family member with these text/vision sizes, our tokenizer with Qwen's
+    special tokens (the config's token ids are the tokenizer's; `text` may raise vocab_size above it), and the
+    family's image processor and chat template. Build the model with `model_class(config)`."""
+    config_class, _, image_processor, template = QWEN_FAMILIES[model_type]
     tokenizer = qwen_tokenizer()
-    special, text = qwen_ids(tokenizer)
-    config = config_class(text_config=dict(**TEXT, **text, **text_extra, rope_parameters=rope), vision_config=vision, **special)
-    processor = image_only_processor_class(model_type)(image_processor(), tokenizer, chat_template=template)
+    special, ids = qwen_ids(tokenizer)
+    tie = {k: text[k] for k in ["tie_word_embeddings"] if k in text}  # Qwen3-VL reads it at the top level only
+    config = config_class(text_config={**ids, **text, "rope_parameters": rope}, vision_config=vision, **special, **tie)
+    processor = image_only_processor_class(model_type)(image_processor(**image_pixels), tokenizer, chat_template=template)
+    return config, processor
+
+
+def build_qwen(out_dir, model_type):
+    """A tiny Qwen-VL family member, saved: the family's config at tiny size, tokenizer, processor."""
+    vision, rope, text_extra, pixels = TINY_QWEN[model_type]
+    config, processor = qwen_vlm(model_type, {**TEXT, **text_extra}, vision, rope, pixels)
     torch.manual_seed(0)
-    save(model_class(config), processor, out_dir, text["eos_token_id"], text["pad_token_id"])
+    model = QWEN_FAMILIES[model_type][1](config)
+    save(model, processor, out_dir, processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id)
 
 
 def build_idefics3(out_dir):
