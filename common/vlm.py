@@ -48,6 +48,7 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
     if not hasattr(processor, "image_processor"):
         raise SystemExit(f"'{path}' has no image processor: pass a vision-language checkpoint")
     processor.tokenizer.padding_side = "left"  # generation appends on the right
+    # not from_pretrained(min_pixels=, max_pixels=): the tokenizer would save them too, and override vLLM's size later
     set_image_size_limits(processor, min_pixels, max_pixels)
     return processor
 
@@ -99,7 +100,10 @@ def set_image_size_limits(processor, min_pixels: int | None, max_pixels: int | N
     """--min-pixels / --max-pixels: the Qwen-VL image processors resize each image, keeping its aspect ratio, to
     sides that are multiples of patch_size * merge_size and an area within [min_pixels, max_pixels]; fewer
     pixels = fewer image tokens. None keeps the checkpoint's own bound. transformers 5.x stores the bounds as
-    `size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}` (areas, despite the names)."""
+    `size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}` (areas, despite the names).
+    By hand, not `from_pretrained(path, min_pixels=..., max_pixels=...)`: that sets `size` too, but it also passes
+    them to the tokenizer, whose saved config then feeds them into every processor call of a trained checkpoint,
+    where they override the `size` vLLM passes (its mm_processor_kwargs) with a deprecated call-time argument."""
     if min_pixels is None and max_pixels is None:
         return
     image_processor = processor.image_processor

@@ -2,6 +2,7 @@
 on are those of the policy we sample from."""
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from common.tiny_vlm import TINY
 from common.vlm import (
     build_prompts,
     generate,
+    load_processor,
     load_vlm,
     response_logprobs,
     response_mask,
@@ -50,6 +52,23 @@ def test_loading_the_same_directory_twice_gives_identical_logits(tiny_model_dir,
     batch = make_prompts(QUESTIONS[:2])
     first, second = load_vlm(tiny_model_dir)[0].eval(), load_vlm(tiny_model_dir)[0].eval()
     assert torch.equal(logits(first, batch), logits(second, batch))
+
+
+def test_a_checkpoint_saved_with_pixel_limits_resizes_to_the_size_a_call_passes(tiny_model_dir, tmp_path):
+    """--min/--max-pixels live in the image processor's `size` only. A processor given them as from_pretrained
+    kwargs also saves them in tokenizer_config.json, and from there they override the `size` a call passes,
+    which is how vLLM applies the flags (mm_processor_kwargs) to the trained checkpoint the script saves."""
+    processor = load_processor(tiny_model_dir, min_pixels=32 * 32, max_pixels=32 * 32)  # 64 px images → 32 px
+    processor.save_pretrained(tmp_path)
+    shutil.copy(f"{tiny_model_dir}/config.json", tmp_path)
+    reloaded = load_processor(str(tmp_path))
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
+    text = reloaded.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    image = tasks.load_task("counting", "eval", 1)[0].image  # 64 x 64: 4 x 4 patches of 16 px
+    saved = reloaded(text=[text], images=[[image]], return_tensors="pt")["image_grid_thw"]
+    full = {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}
+    called = reloaded(text=[text], images=[[image]], size=full, return_tensors="pt")["image_grid_thw"]
+    assert (saved.tolist(), called.tolist()) == ([[1, 2, 2]], [[1, 4, 4]])
 
 
 def test_load_vlm_on_a_missing_path_exits_naming_it():
