@@ -347,10 +347,15 @@ REAL_SCHEMA = {  # columns each task's --dataset needs, and the dataset it was w
 }
 
 
+HELD_OUT = 0.1  # the share of a dataset without a test split held out for eval (the synthetic twins hold out ~10%)
+ROW = "vlrl_row"  # a column load_rows adds: each row's number in its split, which the shuffled held-out split loses
+
+
 def load_rows(dataset: str, split: str, n: int, task: str):
     """n rows of a real dataset for `task`, their answers checked. Train rows come from its 'train' split (else
-    its first split); eval rows from 'test' if it has one, else from the end of the training split (disjoint
-    from the rows trained on as long as n_train + n_eval <= its length)."""
+    its first split); eval rows from its 'test' split if it has one. Without one, `train_test_split` holds out a
+    seeded HELD_OUT share of the training split: the same rows on every call, so no eval row is trained on,
+    whatever --train-size and --eval-size."""
     import datasets
 
     try:
@@ -371,18 +376,18 @@ def load_rows(dataset: str, split: str, n: int, task: str):
             f"--dataset '{dataset}' lacks columns {sorted(missing)}; this task needs {', '.join(sorted(columns))} "
             f"(the {reference} schema): rename them with datasets' rename_column"
         )
-    first = 0
-    if split == "eval" and "test" in ds:
+    if split == "eval" and "test" in ds:  # not train_test_split: a dataset's own test split is the one results cite
         name = "test"
-    elif split == "eval":
-        first = max(0, len(ds[name]) - n)
-    rows = ds[name].select(range(first, min(first + n, len(ds[name]))))
+    rows = ds[name].add_column(ROW, list(range(len(ds[name]))))  # row numbers in the split, for the errors below
+    if "test" not in ds:
+        rows = rows.train_test_split(test_size=HELD_OUT, seed=0)["test" if split == "eval" else "train"]
+    rows = rows.select(range(min(n, len(rows))))
     # a bad answer found now stops the run before training, instead of crashing the reward at the first eval
     checked = ["bbox"] if task == "grounding" else ["answer"]
-    for i, row in enumerate(rows.select_columns(checked), start=first):  # no images decoded
+    for row in rows.select_columns([*checked, ROW]):  # no images decoded
         problem = answer_problem(task, row)
         if problem:
-            where = f"--dataset '{dataset}' split '{name}' row {i}"
+            where = f"--dataset '{dataset}' split '{name}' row {row[ROW]}"
             raise SystemExit(f"{where}: {problem}; fix or drop the row (datasets' filter)")
     return rows
 

@@ -162,7 +162,9 @@ def check_rows(examples, answers):
 
 def test_real_dataset_saved_with_save_to_disk_loads(tmp_path):
     clevr_like(5).save_to_disk(str(tmp_path / "ds"))
-    check_rows(tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "ds")), ["0", "1", "2"])
+    examples = tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "ds"))
+    assert len(examples) == 3
+    check_rows(examples, [e.answer for e in examples])  # which rows: the held-out test below
 
 
 def test_real_dataset_dict_gives_train_rows_and_test_rows_for_eval(tmp_path):
@@ -171,9 +173,18 @@ def test_real_dataset_dict_gives_train_rows_and_test_rows_for_eval(tmp_path):
     check_rows(tasks.load_task("counting", "eval", 2, dataset=str(tmp_path / "dd")), ["10", "11"])
 
 
-def test_real_dataset_without_test_split_evaluates_on_the_end_of_train(tmp_path):
-    datasets.DatasetDict({"train": clevr_like(6)}).save_to_disk(str(tmp_path / "dd"))
-    check_rows(tasks.load_task("counting", "eval", 2, dataset=str(tmp_path / "dd")), ["4", "5"])
+def test_real_dataset_without_test_split_holds_out_a_tenth_that_is_never_trained_on(tmp_path):
+    datasets.DatasetDict({"train": clevr_like(30)}).save_to_disk(str(tmp_path / "dd"))
+
+    def load(split, n):
+        examples = tasks.load_task("counting", split, n, dataset=str(tmp_path / "dd"))
+        check_rows(examples, [e.answer for e in examples])
+        return [e.answer for e in examples]
+
+    train, held_out = load("train", 1000), load("eval", 1000)  # more rows than there are: all of each part
+    assert len(held_out) == 3 and sorted(train + held_out, key=int) == [str(i) for i in range(30)]  # 10%, disjoint
+    assert load("eval", 2) == held_out[:2] and load("train", 5) == train[:5]  # the same rows whatever the sizes
+    assert held_out != ["27", "28", "29"]  # drawn from the whole split, not its end (a sorted dataset's end differs)
 
 
 @pytest.mark.parametrize("column", ["images", "problem", "answer"])
@@ -189,7 +200,7 @@ def test_geometry3k_schema_loads_for_math_with_the_boxed_instruction(tmp_path):
          "answer": ["3\\sqrt{2}", "12"]},
         features=FEATURES,
     )  # fmt: skip
-    datasets.DatasetDict({"train": rows}).save_to_disk(str(tmp_path / "g3k"))
+    datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk(str(tmp_path / "g3k"))  # train, test as Geometry3K
     examples = tasks.load_task("math", "train", 2, dataset=str(tmp_path / "g3k"))
     assert [e.question for e in examples] == ["Find x. Put the final answer in \\boxed{}.", "Find y. Put the final answer in \\boxed{}."]
     assert [e.answer for e in examples] == ["3\\sqrt{2}", "12"]
@@ -206,7 +217,8 @@ def test_refcoco_schema_loads_for_grounding_with_coco_boxes_converted(tmp_path):
          "bbox": [[10, 20, 30, 40], [0, 0, 200, 100]]},
         features=features,
     )  # fmt: skip
-    datasets.DatasetDict({"val": rows}).save_to_disk(str(tmp_path / "refcoco"))  # lmms-lab/RefCOCO has no train split
+    # lmms-lab/RefCOCO has no train split: val, test, testA, testB
+    datasets.DatasetDict({"val": rows, "test": rows}).save_to_disk(str(tmp_path / "refcoco"))
     examples = tasks.load_task("grounding", "train", 2, dataset=str(tmp_path / "refcoco"))
     assert examples[0].question == "Locate man on left. Answer with <answer>[x1, y1, x2, y2]</answer>."
     assert json.loads(examples[0].answer) == {"box": [10, 20, 40, 60], "image_size": [200, 100]}  # x, y, w, h → x1..y2
@@ -232,7 +244,7 @@ def test_real_dataset_row_with_an_answer_the_reward_cannot_grade_exits_naming_sp
         {"images": [[Image.new("RGB", (8, 8))]] * len(answers), "problem": ["<image>How many?"] * len(answers),
          "answer": answers}, features=FEATURES,
     )  # fmt: skip
-    datasets.DatasetDict({"train": rows}).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk(str(tmp_path / "ds"))  # train rows in order
     row, bad = len(answers) - 1, answers[-1].strip()  # the last row is the bad one
     expected = f"--dataset '{tmp_path / 'ds'}' split 'train' row {row}: answer '{bad}' is not "
     with pytest.raises(SystemExit, match="^" + re.escape(expected)):
@@ -241,15 +253,16 @@ def test_real_dataset_row_with_an_answer_the_reward_cannot_grade_exits_naming_sp
     assert [e.answer for e in good] == [a.strip() for a in answers[:row]]
 
 
-def test_real_dataset_eval_rows_are_numbered_as_in_their_split(tmp_path):
-    answers = ["1", "2", "x", "4", "5"]  # eval takes the end of train: rows 3 and 4 are fine, the bad one is row 2
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_real_dataset_held_out_rows_are_numbered_as_in_their_split(tmp_path, split):
+    answers = [f"x{i}" for i in range(20)]  # every answer is bad and names its row
     rows = datasets.Dataset.from_dict(
-        {"images": [[Image.new("RGB", (8, 8))]] * 5, "problem": ["<image>How many?"] * 5, "answer": answers}, features=FEATURES
+        {"images": [[Image.new("RGB", (8, 8))]] * 20, "problem": ["<image>How many?"] * 20, "answer": answers}, features=FEATURES
     )
     datasets.DatasetDict({"train": rows}).save_to_disk(str(tmp_path / "ds"))
-    assert [e.answer for e in tasks.load_task("counting", "eval", 2, dataset=str(tmp_path / "ds"))] == ["4", "5"]
-    with pytest.raises(SystemExit, match="split 'train' row 2: answer 'x' is not a whole number"):
-        tasks.load_task("counting", "eval", 3, dataset=str(tmp_path / "ds"))
+    with pytest.raises(SystemExit, match=r"split 'train' row (\d+): answer 'x\1' is not a whole number") as exited:
+        tasks.load_task("counting", split, 1, dataset=str(tmp_path / "ds"))
+    assert "row 0:" not in str(exited.value)  # so numbering rows by their place in the shuffled part would fail
 
 
 @pytest.mark.parametrize("bbox", [[10, 20, 0, 40], [10, 20, 30, -1], [10, 20, 30, float("nan")], [10, 20, 30]])
@@ -261,6 +274,6 @@ def test_refcoco_row_with_a_box_that_is_not_x_y_w_h_exits_naming_it(tmp_path, bb
     rows = datasets.Dataset.from_dict(
         {"image": [Image.new("RGB", (20, 10))] * 2, "answer": [["a"], ["b"]], "bbox": [[0, 0, 5, 5], bbox]}, features=features
     )
-    datasets.DatasetDict({"val": rows}).save_to_disk(str(tmp_path / "refcoco"))
+    datasets.DatasetDict({"val": rows, "test": rows}).save_to_disk(str(tmp_path / "refcoco"))  # as lmms-lab/RefCOCO
     with pytest.raises(SystemExit, match=r"split 'val' row 1: bbox \[.*\] is not 4 finite numbers \[x, y, w, h\]"):
         tasks.load_task("grounding", "train", 2, dataset=str(tmp_path / "refcoco"))
