@@ -219,7 +219,9 @@ class VLLMRollout:
         Qwen-VL: `<|vision_start|> <|image_pad|> x N <|vision_end|>` → the run of pads goes back to one pad.
         Idefics3/SmolVLM: `<image>` became `<fake_token_around_image> [<row_i_col_j>] <image> x N ...
         <fake_token_around_image> <global-img> <image> x N <fake_token_around_image>` → that whole span goes
-        back to one `<image>`."""
+        back to one `<image>`.
+        Not vLLM's text prompt, which it would tokenise and expand just as well: generate() is given the processor's
+        batch, not its texts, and vLLM expands every prompt's placeholder, so the expanded ids would grow again."""
         if self.fake_image_token_id is not None:
             first = ids.index(self.fake_image_token_id)
             last = len(ids) - 1 - ids[::-1].index(self.fake_image_token_id)
@@ -237,7 +239,7 @@ class VLLMRollout:
             if images is None:
                 requests.append(TokensPrompt(prompt_token_ids=ids))
             else:
-                ids = self.unexpand_image(ids)
+                ids = self.unexpand_image(ids)  # vLLM expands the placeholder itself (unexpand_image: why not text)
                 requests.append(TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images[i]}))
         return requests
 

@@ -11,7 +11,15 @@ import torch
 from common import tasks
 from common.rollout import VLLMRollout
 from common.tiny_vlm import build_random_tiny_vlm
-from common.vlm import build_prompts, generate, load_vlm, response_logprobs, response_mask, suppressed_token_ids
+from common.vlm import (
+    build_prompts,
+    generate,
+    load_processor,
+    load_vlm,
+    response_logprobs,
+    response_mask,
+    suppressed_token_ids,
+)
 
 LOGPROB_TOLERANCE = 1e-4  # fp32 both sides; measured differences are ~1e-6
 
@@ -39,7 +47,8 @@ def setup(tmp_path_factory):
         setattr(engine.llm, name, recorded(name, getattr(engine.llm, name)))
     # LLM has no reset_encoder_cache in vLLM 0.32; its engine has
     engine.llm.llm_engine.reset_encoder_cache = recorded("reset_encoder_cache", engine.llm.llm_engine.reset_encoder_cache)
-    return dict(model=model, processor=processor, prompts=prompts, images=images, engine=engine, calls=calls)
+    return dict(model_dir=model_dir, model=model, processor=processor, prompts=prompts, images=images, engine=engine,
+                calls=calls)  # fmt: skip
 
 
 def vllm_logprobs(engine, model, prompts, images, completion):
@@ -66,6 +75,16 @@ def test_greedy_rollouts_match_hf_generate_with_images(setup):
     expected = generate(model, processor, prompts, 1, 12, 1.0, greedy=True)  # (B, T)
     got = engine.generate(model, prompts, images, 1, 12, 1.0, greedy=True)
     assert torch.equal(got, expected)
+
+
+def test_prompts_that_vllm_expands_to_other_tokens_than_the_trainer_stop_the_rollout(setup):
+    """The guard against sampling for prompts other than those the trainer scores: here the trainer's processor
+    resizes each 64 px image to 32 px (4 image tokens) while vLLM's keeps 64 px (16)."""
+    model, images, engine = setup["model"], setup["images"], setup["engine"]
+    small = load_processor(setup["model_dir"], min_pixels=32 * 32, max_pixels=32 * 32)
+    prompts = build_prompts(small, images, ["How many shapes?"] * len(images), 512)
+    with pytest.raises(SystemExit, match="^vLLM's prompt tokens differ from the processor's"):
+        engine.generate(model, prompts, images, 1, 2, 1.0, greedy=True)
 
 
 def test_the_engine_leaves_the_trainers_model_classes_alone(setup):
