@@ -1,0 +1,73 @@
+"""A learning curve from a run's metrics.jsonl: held-out eval/accuracy (and eval/iou when the task logs it) on the
+left, the sampled responses' charts/reward_mean on the right, both against the step.
+
+    python benchmarks/curve.py runs/<run_name>/metrics.jsonl --out docs/counting_curve.png
+
+Needs matplotlib: `pip install -r requirements-bench.txt`.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import matplotlib
+import tyro
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+@dataclass
+class Args:
+    metrics: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="METRICS")]
+    """a run's metrics.jsonl"""
+    out: str = "curve.png"
+    """the PNG to write"""
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that logged `key` (null: a skipped step, left out)."""
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Each value replaced by the mean of it and the window - 1 before it (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(values))]
+
+
+def main(args: Args):
+    path = Path(args.metrics)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    eval_keys = [k for k in ("eval/accuracy", "eval/iou") if any(k in r for r in records)]
+    if not eval_keys:
+        raise SystemExit(f"{path} has no eval/accuracy: is it a metrics.jsonl of an algos/ script?")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    plotted = []
+    for key in eval_keys:
+        steps, values = series(records, key)
+        left.plot(steps, values, marker="o", markersize=3, label=key)
+        plotted.append(f"{key} ({len(steps)} points)")
+    left.set(xlabel="step", ylabel="held-out (greedy)", ylim=(0, 1.02), title="eval")
+    left.legend(loc="lower right")
+    steps, values = series(records, "charts/reward_mean")
+    right.plot(steps, values, linewidth=0.6, color="tab:gray", alpha=0.6, label="per step")
+    window = len(values) // 20  # a running mean over 1/20 of the run shows the trend through the noise
+    if window > 1:
+        right.plot(steps, running_mean(values, window), color="tab:orange", label=f"mean of the last {window} steps")
+    right.set(xlabel="step", ylabel="charts/reward_mean", ylim=(0, 1.02), title="reward of the sampled responses")
+    right.legend(loc="lower right")
+    plotted.append(f"charts/reward_mean ({len(steps)} points)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(path.parent.name, fontsize=9)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=100)
+    print(f"{args.out}: " + ", ".join(plotted))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,71 @@
+"""Does it learn? Runs an algos/ script as a user runs it, then prints its held-out metrics at the start and at the
+end of the run, and the wall time.
+
+    python benchmarks/learn.py algos/grpo_vlm.py --task counting
+    python benchmarks/learn.py --output-dir /tmp/runs algos/grpo_vlm.py --task grounding --seed 2
+
+learn.py's own flags come before the script; every argument after the script goes to the script. It prints, e.g.,
+`eval/accuracy 0.390 → 0.825 in 223 s` (every `eval/` key of the run's metrics.jsonl, first → last) and exits
+non-zero when the run fails. The wall time is the script's, from its start: a first-run model build included.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+
+@dataclass
+class Args:
+    """Run SCRIPT [ARGS...] and print its eval/ metrics, first → last, and the wall time."""
+
+    script: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SCRIPT")]
+    """the script to run, e.g. algos/grpo_vlm.py; every argument after it is passed to it"""
+    output_dir: str = "runs"
+    """passed to the script as --output-dir; the run read is the newest <output_dir>/*/metrics.jsonl it wrote"""
+
+
+def eval_summary(metrics_path: Path) -> str:
+    """'eval/accuracy 0.390 → 0.825, eval/iou ...': each eval/ key's first and last logged value."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    values = {}  # key -> its values, in step order
+    for record in records:
+        for key, value in record.items():
+            if key.startswith("eval/") and value is not None:
+                values.setdefault(key, []).append(value)
+    return ", ".join(f"{key} {v[0]:.3f} → {v[-1]:.3f}" for key, v in values.items())
+
+
+def main(args: Args, script_args: list[str]) -> int:
+    if "--output-dir" in script_args:
+        raise SystemExit("give --output-dir before the script (learn.py passes it on and reads the run from there)")
+    start = time.time()
+    result = subprocess.run([sys.executable, args.script, "--output-dir", args.output_dir, *script_args])
+    wall = time.time() - start
+    if result.returncode != 0:
+        print(f"{args.script} failed (exit {result.returncode}) after {wall:.0f} s", file=sys.stderr)
+        return result.returncode
+    written = [p for p in Path(args.output_dir).glob("*/metrics.jsonl") if p.stat().st_mtime >= start]
+    if not written:
+        print(f"{args.script} wrote no {args.output_dir}/*/metrics.jsonl", file=sys.stderr)
+        return 1
+    metrics_path = max(written, key=lambda p: p.stat().st_mtime)
+    summary = eval_summary(metrics_path)
+    if not summary:
+        print(f"{metrics_path} has no eval/ metrics", file=sys.stderr)
+        return 1
+    print(f"metrics: {metrics_path}")
+    print(f"{summary} in {wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    # learn.py's own arguments end at the script: the first argument ending in .py
+    split = next((i + 1 for i, arg in enumerate(argv) if arg.endswith(".py")), len(argv))
+    sys.exit(main(tyro.cli(Args, args=argv[:split]), argv[split:]))
