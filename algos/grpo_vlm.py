@@ -29,34 +29,11 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common import tasks  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
-from common.policy import prepare_policy, sequence_logprobs  # noqa: E402
+from common.policy import load_policy, micro_batch_logprobs, micro_batches, reference_logprobs, sample, sequence_logprobs  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
-from common.runs import (  # noqa: E402
-    StopSignals,
-    json_line,
-    latest_checkpoint,
-    new_run_dir,
-    resumed_args,
-    save_checkpoint,
-    save_policy,
-    set_rng_states,
-    truncate_metrics,
-    weights_fingerprint,
-)
+from common.runs import StopSignals, check_flags, latest_checkpoint, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
 from common.tiny_vlm import tiny_model_dir, tiny_processor  # noqa: E402
-from common.vlm import (  # noqa: E402
-    box_frame,
-    build_prompts,
-    generate,
-    greedy_rewards,
-    load_processor,
-    load_vlm,
-    response_logprobs,
-    response_mask,
-    select,
-    stop_token_id,
-    suppressed_token_ids,
-)
+from common.vlm import box_frame, build_prompts, greedy_rewards, load_processor, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
 
 
 @dataclass
@@ -120,14 +97,12 @@ class Args:
     freeze_vision_tower: bool = False
     """do not train the vision encoder (its weights stay exactly as loaded, and it gets no optimizer state)"""
 
-    # Algorithm specific arguments
+    # Training
     total_steps: int | None = None
     """number of rollout + update steps (default: the task's: 400 for counting, 450 for math, 250 for grounding,
     whose steps are longer)"""
     prompts_per_step: int = 16
     """prompts per step (B); each gets group_size responses"""
-    group_size: int = 8
-    """responses per prompt (G); the group mean is the baseline, so at least 2"""
     max_new_tokens: int | None = None
     """response length limit in tokens (default: enough for the synthetic task's answer: 8, or 24 for grounding)"""
     max_prompt_tokens: int = 512
@@ -138,19 +113,10 @@ class Args:
     """AdamW learning rate"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over total_steps (late updates are the noisiest)"""
-    beta: float = 0.1
-    """KL coefficient to the frozen reference policy (0 = no reference model)"""
-    clip_eps: float = 0.2
-    """PPO clip range for the importance ratio"""
-    updates_per_step: int = 1
-    """optimizer passes over each rollout batch (mu in the paper; >1 makes the ratio and clipping active)"""
     micro_batch_size: int = 64
     """sequences per forward/backward; gradients accumulate over the step's B*G sequences"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
-    skip_zero_advantage_groups: bool = True
-    """leave groups whose rewards are all equal out of the update (their advantage is 0; only their KL term
-    would remain): saves their forward and backward passes, as DAPO's dynamic sampling does (arXiv 2503.14476)"""
     format_reward: float = 0.0
     """reward for a well-formed but wrong answer (a right one earns 1.0; grounding earns its IoU)"""
     eval_every: int = 25
@@ -162,6 +128,19 @@ class Args:
     """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, sleeping while
     it trains; common/rollout.py) or auto (vLLM when it is installed and there is a GPU, else HF generate, the
     faster one on CPU); one printed line says which"""
+
+    # Algorithm specific arguments: GRPO
+    group_size: int = 8
+    """responses per prompt (G); the group mean is the baseline, so at least 2"""
+    beta: float = 0.1
+    """KL coefficient to the frozen reference policy (0 = no reference model)"""
+    clip_eps: float = 0.2
+    """PPO clip range for the importance ratio"""
+    updates_per_step: int = 1
+    """optimizer passes over each rollout batch (mu in the paper; >1 makes the ratio and clipping active)"""
+    skip_zero_advantage_groups: bool = True
+    """leave groups whose rewards are all equal out of the update (their advantage is 0; only their KL term
+    would remain): saves their forward and backward passes, as DAPO's dynamic sampling does (arXiv 2503.14476)"""
 
 
 # ALGO LOGIC: the heart of GRPO, pure functions (tests/test_grpo_math.py pins them)
@@ -202,29 +181,11 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
 
 def check_args(args: Args):
     """Every flag, before anything loads: the first bad one ends the run with one line that names the fix."""
+    check_flags(args)  # the flags every script shares (common/runs.py), then GRPO's own
     checks = [
-        (args.total_steps < 1, f"--total-steps {args.total_steps}: train for at least 1 step"),
-        (args.prompts_per_step < 1, f"--prompts-per-step {args.prompts_per_step}: use 1 or more"),
         (args.group_size < 2, f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more"),
-        (args.prompts_per_step > args.train_size, f"--prompts-per-step {args.prompts_per_step} > --train-size {args.train_size}: raise --train-size"),
-        (args.eval_size < 1, f"--eval-size {args.eval_size}: eval/accuracy needs at least 1 held-out example"),
-        (args.eval_every < 1, f"--eval-every {args.eval_every}: evaluate every 1 or more steps"),
-        (args.micro_batch_size < 1, f"--micro-batch-size {args.micro_batch_size}: use 1 or more sequences"),
-        (args.updates_per_step < 1, f"--updates-per-step {args.updates_per_step}: use 1 or more"),
-        (args.temperature <= 0, f"--temperature {args.temperature}: sampling needs a temperature > 0 (1 samples the policy)"),
-        (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: allow 1 or more"),
-        (args.max_prompt_tokens < 1, f"--max-prompt-tokens {args.max_prompt_tokens}: allow 1 or more"),
-        (args.lr <= 0, f"--lr {args.lr}: use a learning rate > 0"),
-        (args.beta < 0, f"--beta {args.beta}: the KL coefficient is >= 0 (0 = no reference)"),
         (args.clip_eps <= 0, f"--clip-eps {args.clip_eps}: use a clip range > 0"),
-        (args.max_grad_norm <= 0, f"--max-grad-norm {args.max_grad_norm}: use a norm > 0"),
-        (not 0 <= args.format_reward < 1, f"--format-reward {args.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
-        (args.save_every < 0, f"--save-every {args.save_every}: use 0 (no checkpoints) or more"),
-        (args.lora_rank < 1, f"--lora-rank {args.lora_rank}: use 1 or more"),
-        (not 0 <= args.lora_dropout < 1, f"--lora-dropout {args.lora_dropout}: use 0 <= it < 1"),
-        (args.lora_merge and not args.lora, "--lora-merge merges LoRA adapters into the model: add --lora"),
-        (args.min_pixels is not None and args.min_pixels < 1, f"--min-pixels {args.min_pixels}: use 1 or more"),
-        (args.max_pixels is not None and args.max_pixels < 1, f"--max-pixels {args.max_pixels}: use 1 or more"),
+        (args.updates_per_step < 1, f"--updates-per-step {args.updates_per_step}: use 1 or more"),
     ]  # fmt: skip
     for bad, message in checks:
         if bad:
@@ -250,16 +211,14 @@ def main(args: Args):
 
 
 def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSignals):
-    start_time = time.time()  # the logged "time" counts from here, so it includes a first-run model build
-    if checkpoint is not None:
-        start_time -= state["time"]  # ... and continues over a resume
+    start_time = time.time() - (state["time"] if checkpoint else 0)  # the logged "time" continues over a resume
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
 
-    # Setup: task data, then whether its prompts fit (with the processor alone: before any weights load)
+    # TRY NOT TO MODIFY: task data, then whether its prompts fit (with the processor alone: before any weights load)
     train_examples = tasks.load_task(args.task, "train", args.train_size, args.dataset)
     eval_examples = tasks.load_task(args.task, "eval", args.eval_size, args.dataset)
     if args.model == "tiny":
@@ -269,60 +228,25 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     for examples in (train_examples[: args.prompts_per_step], eval_examples[: args.prompts_per_step]):
         build_prompts(processor, [e.image for e in examples], [e.question for e in examples], args.max_prompt_tokens)
 
-    # actor (the policy we train), reference (frozen KL anchor), optimizer
+    # TRY NOT TO MODIFY: actor (the policy we train), reference (frozen KL anchor), optimizer, rollout engine
     model_path = tiny_model_dir(args.task) if args.model == "tiny" else args.model
-    dtype = getattr(torch, args.dtype)
-    # a resumed full fine-tune starts from its checkpoint's weights; LoRA from the base, adapters loaded below
-    policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
-    model, processor = load_vlm(policy_path, dtype, device, args.min_pixels, args.max_pixels)
-    reference_fingerprint = weights_fingerprint(model) if args.lora else None  # LoRA: the base is the reference
-    lora = dict(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=list(args.lora_target_modules)) if args.lora else None  # fmt: skip
-    adapter_dir = os.path.join(checkpoint, "adapter") if checkpoint and args.lora else None
-    model = prepare_policy(model, args.freeze_vision_tower, args.gradient_checkpointing, lora, adapter_dir)  # docs/memory.md
-    # the reference (frozen KL anchor) is the initial policy; with LoRA that is the same model, adapters disabled
-    ref_model = None
-    if args.beta > 0 and not args.lora:
-        ref_model = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False)
-        reference_fingerprint = weights_fingerprint(ref_model)
+    model, processor, reference, reference_fingerprint = load_policy(args, model_path, checkpoint, device)
     if checkpoint and reference_fingerprint != state["reference_fingerprint"]:
         raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; frozen tower: not its weights
     optimizer = make_optimizer(args.optimizer, trainable, lr=args.lr)
     if checkpoint:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+    dtype = getattr(torch, args.dtype)
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, dtype, args.seed, args.max_prompt_tokens + args.max_new_tokens)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
-    print(memory_plan(model, optimizer, ref_model, engine_bytes))
+    print(memory_plan(model, optimizer, reference if reference is not model else None, engine_bytes))
     reward_fn = tasks.reward_fn(args.task, box_frame(model, processor))  # grounding: boxes in the family's frame
     eos_id = stop_token_id(processor)  # the family's end-of-turn token
     suppressed = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
 
     # TRY NOT TO MODIFY: the run directory (a new one, or the resumed one) and logging
-    if checkpoint:
-        run_dir = args.resume
-        records = truncate_metrics(run_dir, state["step"])  # steps logged after the checkpoint are done again
-        first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
-        last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
-        set_rng_states(state["rng"])  # the RNG states the run had after this step
-        start_step = state["step"]
-        print(f"resuming {run_dir} after step {start_step}")
-    else:
-        run_dir = new_run_dir(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}")
-        start_step = 0
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                   name=os.path.basename(run_dir), id=os.path.basename(run_dir).replace(".", "-"), resume="allow",
-                   save_code=True)  # fmt: skip
-
-    def log(record):
-        metrics_file.write(json_line(record))
-        metrics_file.flush()
-        if args.track:
-            wandb.log(record, step=record["step"])
+    run_dir, records, log, finish = start_run(args, checkpoint, state, start_time)
 
     def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding)
         rewards = greedy_rewards(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
@@ -332,38 +256,38 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         state = {"args": vars(args), "reference_fingerprint": reference_fingerprint, "time": time.time() - start_time}
         return save_checkpoint(run_dir, step, model, processor, optimizer, args.lora, state)
 
-    if not checkpoint:
-        first_eval = last_eval = evaluate()
-        log({"step": 0, **first_eval, "time": round(time.time() - start_time, 2)})
+    if checkpoint:
+        set_rng_states(state["rng"])  # the RNG states the run had after its checkpoint's step
+        print(f"resuming {run_dir} after step {state['step']}")
+    else:
+        records = [{"step": 0, **evaluate(), "time": round(time.time() - start_time, 2)}]
+        log(records[0])
+    first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
+    last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
+    start_step = state["step"] if checkpoint else 0
     progress = tqdm(range(start_step + 1, args.total_steps + 1), desc="grpo", dynamic_ncols=True, initial=start_step, total=args.total_steps)
     step = start_step
     stop.loop_started()
     try:
         for step in progress:
             step_start = time.time()
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.lr * (1 - (step - 1) / args.total_steps)
-            batch = random.sample(train_examples, args.prompts_per_step)
-            prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], args.max_prompt_tokens)
-            prompts = prompts.to(device)
-            G = args.group_size
+            lr = args.lr * (1 - (step - 1) / args.total_steps) if args.anneal_lr else args.lr  # linear decay to 0
+            optimizer.param_groups[0]["lr"] = lr
 
-            # ALGO LOGIC 1. rollout: G samples per prompt, ordered p0 x G, p1 x G, ...
-            model.eval()
-            if rollout_engine is None:  # HF generate
-                response_ids = generate(model, processor, prompts, G, args.max_new_tokens, args.temperature, greedy=False)
-            else:  # vLLM: wake, push the current weights, sample, sleep
-                response_ids = rollout_engine.generate(model, prompts, [e.image for e in batch], G, args.max_new_tokens, args.temperature, greedy=False)
-            model.train()
+            # TRY NOT TO MODIFY: rollout, G samples per prompt (HF generate or vLLM), ordered p0 x G, p1 x G, ...
+            batch = random.sample(train_examples, args.prompts_per_step)
+            images, G = [e.image for e in batch], args.group_size
+            prompts = build_prompts(processor, images, [e.question for e in batch], args.max_prompt_tokens).to(device)
+            response_ids = sample(model, rollout_engine, processor, prompts, images, G, args.max_new_tokens, args.temperature)
             mask = response_mask(response_ids, eos_id)  # (B*G, T)
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
+
+            # TRY NOT TO MODIFY: reward, the task's rule on the decoded text
             completions = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-
-            # ALGO LOGIC 2. reward: the task's rule on the decoded text
             answers = [e.answer for e in batch for _ in range(G)]
-            rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])
+            rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
 
-            # ALGO LOGIC 3. advantage: group-normalised reward, one per sequence
+            # ALGO LOGIC: advantage, group-normalised reward, one per sequence
             advantages = group_advantages(rewards, G).to(device)  # (B*G,)
             response_lengths = mask.sum(1)  # for logging, before any filtering
             zero_advantage_groups = (rewards.view(-1, G).std(1) == 0).float().mean().item()
@@ -371,42 +295,41 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 keep = (rewards.view(-1, G).std(1) > 0).repeat_interleave(G).nonzero().squeeze(1).tolist()
                 inputs, response_ids, mask, advantages = select(inputs, keep), response_ids[keep], mask[keep], advantages[keep]
 
-            # log-probs under the sampling policy and under the reference, recomputed by the trainer (not taken
+            # ALGO LOGIC: log-probs under the sampling policy and the reference, recomputed by the trainer (not taken
             # from the rollout engine). With one update per rollout the sampling policy is the current model, so
             # old_logprobs is the update's own forward, detached: a forward pass saved (rho = 1 exactly).
             N, mb = len(advantages), args.micro_batch_size
+            scoring = (inputs, response_ids, mask, suppressed, args.temperature)
+            old_logprobs = sequence_logprobs(model, *scoring, mb) if args.updates_per_step > 1 else None
+            ref_logprobs = reference_logprobs(reference, *scoring, mb) if reference is not None else None
 
-            scoring = (inputs, response_ids, mask, suppressed, args.temperature, mb)  # sequence_logprobs: no gradients
-            old_logprobs = sequence_logprobs(model, *scoring) if args.updates_per_step > 1 else None
-            ref_logprobs = sequence_logprobs(ref_model, *scoring) if ref_model is not None else None
-            if args.lora and args.beta > 0:
-                with model.disable_adapter():  # the reference: base weights only, exactly the initial policy
-                    ref_logprobs = sequence_logprobs(model, *scoring)
-
-            # ALGO LOGIC 4. update: micro-batches with gradient accumulation, then one clipped optimizer step
+            # ALGO LOGIC: update, micro-batches with gradient accumulation, then one clipped optimizer step per pass
+            stats = torch.zeros(4)  # loss, kl, clipfrac, entropy: each micro-batch weighted by its share of N, all passes
             for _ in range(args.updates_per_step):
                 optimizer.zero_grad(set_to_none=True)
-                kls, clipfracs, losses, entropies = [], [], [], []
-                for s in range(0, N, mb):
-                    e = min(s + mb, N)
-                    logprobs = response_logprobs(model, select(inputs, range(s, e)), response_ids[s:e], mask[s:e], suppressed, args.temperature)
-                    old = logprobs.detach() if old_logprobs is None else old_logprobs[s:e]
-                    ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[s:e]  # beta = 0: KL term is 0
-                    loss, kl, clipfrac = grpo_loss(logprobs, old, ref, advantages[s:e], mask[s:e], args.clip_eps, args.beta)
-                    entropies.append(-masked_mean(logprobs.detach(), mask[s:e]).item() * (e - s) / N)
-                    (loss * (e - s) / N).backward()  # the step's loss is the mean over all N sequences
-                    kls.append(kl.item()), clipfracs.append(clipfrac.item()), losses.append(loss.item() * (e - s) / N)
+                for rows in micro_batches(N, mb):
+                    logprobs = micro_batch_logprobs(model, rows, *scoring)  # (n, T), with gradients
+                    old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+                    ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[rows]  # beta = 0: KL term is 0
+                    loss, kl, clipfrac = grpo_loss(logprobs, old, ref, advantages[rows], mask[rows], args.clip_eps, args.beta)
+                    (loss * len(logprobs) / N).backward()  # the step's loss is the mean over all N sequences
+                    entropy = -masked_mean(logprobs.detach(), mask[rows])  # -log p of the sampled tokens: a Monte Carlo estimate
+                    stats += torch.stack([loss.detach(), kl, clipfrac, entropy]).cpu() * len(logprobs) / N / args.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-                if math.isfinite(grad_norm) and all(map(math.isfinite, losses)):
+                if N == 0:  # every group skipped: no gradient, and AdamW's weight decay would still move the weights
+                    stats[:] = float("nan")  # logged as null
+                elif math.isfinite(grad_norm) and stats.isfinite().all():
                     optimizer.step()
                 else:
                     tqdm.write(f"warning: step {step}: non-finite loss or grad norm ({grad_norm}); update skipped")
             optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
 
-            # 5. log / eval / save
+            # TRY NOT TO MODIFY: log / eval / save
+            loss, kl, clipfrac, entropy = stats.tolist()
             record = {
                 "step": step,
                 "time": round(time.time() - start_time, 2),
+                "charts/learning_rate": lr,
                 "charts/reward_mean": rewards.mean().item(),
                 "charts/reward_std": rewards.std().item(),
                 **tasks.summarize(args.task, rewards.tolist(), "charts"),  # charts/accuracy (+ charts/iou)
@@ -414,10 +337,10 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 "charts/zero_advantage_groups": zero_advantage_groups,
                 "charts/step_time": round(time.time() - step_start, 3),
                 "charts/tokens_per_second": response_lengths.sum().item() / (time.time() - step_start),
-                "losses/loss": sum(losses),
-                "losses/kl": sum(kls) / max(len(kls), 1),
-                "losses/clipfrac": sum(clipfracs) / max(len(clipfracs), 1),
-                "losses/entropy": sum(entropies),  # -log p of the sampled tokens: a Monte Carlo entropy estimate
+                "losses/loss": loss,
+                "losses/kl": kl,
+                "losses/clipfrac": clipfrac,
+                "losses/entropy": entropy,
                 "losses/grad_norm": grad_norm,
             }
             if step % args.eval_every == 0 or step == args.total_steps:
@@ -437,11 +360,9 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         last = latest_checkpoint(run_dir)
         raise SystemExit(f"stopped during step {step}: " + (f"continue from {last} with --resume {run_dir}" if last else "no checkpoint was saved"))
     save_policy(model, processor, run_dir, args.lora, args.lora_merge)  # <run>/model or <run>/adapter
-    metrics_file.close()
+    finish()
     change = ", ".join(f"{k} {first_eval[k]:.3f} → {last_eval[k]:.3f}" for k in first_eval)
     print(f"{change} in {time.time() - start_time:.0f}s; model and metrics in {run_dir}")
-    if args.track:
-        wandb.finish()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,36 @@
-"""The trainer's side of a policy that every algorithm handles the same way: making the loaded model trainable
-as the flags say, and scoring responses under it without gradients (old log-probs, the reference's)."""
+"""The actor and the reference, handled the same way by every algorithm: loading them as the flags say, sampling
+responses (HF generate or the vLLM engine), and scoring responses micro-batch by micro-batch."""
 
+import os
 import re
 
 import torch
 
-from common.vlm import response_logprobs, select, vision_tower
+from common.runs import weights_fingerprint
+from common.vlm import generate, load_vlm, response_logprobs, select, vision_tower
+
+
+def load_policy(args, model_path: str, checkpoint: str | None, device: str):
+    """(model, processor, reference, reference_fingerprint): the actor (the policy we train), made trainable as the
+    memory flags say, and the reference (the frozen KL anchor, the initial policy): None with --beta 0, a frozen
+    copy of model_path, or with --lora the policy itself (scored with its adapters disabled: the base weights, no
+    second copy). A resumed run's actor comes from its checkpoint: its full weights, or the base and its adapters.
+    The fingerprint tells a resumed run whether its reference is the one the run started with."""
+    dtype = getattr(torch, args.dtype)
+    policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
+    model, processor = load_vlm(policy_path, dtype, device, args.min_pixels, args.max_pixels)
+    fingerprint = weights_fingerprint(model) if args.lora else None  # LoRA: the base model is the reference
+    lora = dict(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                target_modules=list(args.lora_target_modules)) if args.lora else None  # fmt: skip
+    adapter_dir = os.path.join(checkpoint, "adapter") if checkpoint and args.lora else None
+    model = prepare_policy(model, args.freeze_vision_tower, args.gradient_checkpointing, lora, adapter_dir)
+    reference = None
+    if args.beta > 0:
+        reference = model if args.lora else load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0]
+        if not args.lora:
+            reference.eval().requires_grad_(False)
+            fingerprint = weights_fingerprint(reference)
+    return model, processor, reference, fingerprint
 
 
 def prepare_policy(model, freeze_vision_tower: bool = False, gradient_checkpointing: bool = False,
@@ -34,13 +59,44 @@ def prepare_policy(model, freeze_vision_tower: bool = False, gradient_checkpoint
     return model.train()
 
 
+def sample(model, rollout_engine, processor, prompts, images, num_samples: int, max_new_tokens: int, temperature: float):
+    """num_samples responses per prompt, ordered p0 x G, p1 x G, ...: (B*G, T) ids, EOS-padded after EOS. With HF
+    generate (rollout_engine None), or with the co-located vLLM engine (wake, push the current weights, sample,
+    sleep; common/rollout.py)."""
+    model.eval()
+    if rollout_engine is None:
+        response_ids = generate(model, processor, prompts, num_samples, max_new_tokens, temperature, greedy=False)
+    else:
+        response_ids = rollout_engine.generate(model, prompts, images, num_samples, max_new_tokens, temperature, greedy=False)
+    model.train()
+    return response_ids
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Rows 0..n-1 in slices of `size` (the last one shorter): one forward/backward each."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def micro_batch_logprobs(model, rows: slice, inputs, response_ids, mask, suppressed_ids, temperature: float):
+    """log π of the responses in `rows` (a micro-batch), with gradients when they are enabled: (rows, T).
+    inputs: the N prompts (a processor batch, row i is response i's prompt); response_ids, mask: (N, T)."""
+    prompts = select(inputs, range(rows.start, rows.stop))
+    return response_logprobs(model, prompts, response_ids[rows], mask[rows], suppressed_ids, temperature)
+
+
 @torch.no_grad()
 def sequence_logprobs(model, inputs, response_ids, mask, suppressed_ids, temperature: float, micro_batch_size: int):
-    """log-probs of N responses under `model`, `micro_batch_size` sequences per forward, no gradients: (N, T).
-    inputs: the N prompts (a processor batch, row i is response i's prompt); response_ids, mask: (N, T)."""
-    N, mb = len(response_ids), micro_batch_size
-    chunks = [
-        response_logprobs(model, select(inputs, range(s, min(s + mb, N))), response_ids[s : s + mb], mask[s : s + mb], suppressed_ids, temperature)
-        for s in range(0, N, mb)
-    ]  # fmt: skip
+    """log-probs of all N responses under `model`, micro-batch by micro-batch, no gradients: (N, T)."""
+    scoring = (inputs, response_ids, mask, suppressed_ids, temperature)
+    chunks = [micro_batch_logprobs(model, rows, *scoring) for rows in micro_batches(len(response_ids), micro_batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros_like(mask)
+
+
+def reference_logprobs(reference, inputs, response_ids, mask, suppressed_ids, temperature: float, micro_batch_size: int):
+    """sequence_logprobs under the reference (load_policy): a frozen copy, or the LoRA policy with its adapters
+    disabled, which is exactly the initial policy."""
+    scoring = (inputs, response_ids, mask, suppressed_ids, temperature, micro_batch_size)
+    if hasattr(reference, "disable_adapter"):  # a peft model (transformers' own models have disable_adapters)
+        with reference.disable_adapter():
+            return sequence_logprobs(reference, *scoring)
+    return sequence_logprobs(reference, *scoring)

@@ -39,6 +39,66 @@ def new_run_dir(output_dir: str, run_name: str) -> str:
     raise SystemExit(f"{output_dir} holds 10,000 runs named {run_name}: pass another --output-dir or --exp-name")
 
 
+def check_flags(args):
+    """The flags every script shares, before anything loads: the first bad one ends the run with one line that
+    names the fix. (A script checks its algorithm's own flags itself.)"""
+    checks = [
+        (args.total_steps < 1, f"--total-steps {args.total_steps}: train for at least 1 step"),
+        (args.prompts_per_step < 1, f"--prompts-per-step {args.prompts_per_step}: use 1 or more"),
+        (args.prompts_per_step > args.train_size, f"--prompts-per-step {args.prompts_per_step} > --train-size {args.train_size}: raise --train-size"),
+        (args.eval_size < 1, f"--eval-size {args.eval_size}: eval/accuracy needs at least 1 held-out example"),
+        (args.eval_every < 1, f"--eval-every {args.eval_every}: evaluate every 1 or more steps"),
+        (args.micro_batch_size < 1, f"--micro-batch-size {args.micro_batch_size}: use 1 or more sequences"),
+        (args.temperature <= 0, f"--temperature {args.temperature}: sampling needs a temperature > 0 (1 samples the policy)"),
+        (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: allow 1 or more"),
+        (args.max_prompt_tokens < 1, f"--max-prompt-tokens {args.max_prompt_tokens}: allow 1 or more"),
+        (args.lr <= 0, f"--lr {args.lr}: use a learning rate > 0"),
+        (args.beta < 0, f"--beta {args.beta}: the KL coefficient is >= 0 (0 = no reference)"),
+        (args.max_grad_norm <= 0, f"--max-grad-norm {args.max_grad_norm}: use a norm > 0"),
+        (not 0 <= args.format_reward < 1, f"--format-reward {args.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
+        (args.save_every < 0, f"--save-every {args.save_every}: use 0 (no checkpoints) or more"),
+        (args.lora_rank < 1, f"--lora-rank {args.lora_rank}: use 1 or more"),
+        (not 0 <= args.lora_dropout < 1, f"--lora-dropout {args.lora_dropout}: use 0 <= it < 1"),
+        (args.lora_merge and not args.lora, "--lora-merge merges LoRA adapters into the model: add --lora"),
+        (args.min_pixels is not None and args.min_pixels < 1, f"--min-pixels {args.min_pixels}: use 1 or more"),
+        (args.max_pixels is not None and args.max_pixels < 1, f"--max-pixels {args.max_pixels}: use 1 or more"),
+    ]  # fmt: skip
+    for bad, message in checks:
+        if bad:
+            raise SystemExit(message)
+
+
+def start_run(args, checkpoint: str | None, state: dict | None, start_time: float):
+    """(run dir, the metrics it holds, log, finish): a new <output_dir>/<task>__<exp_name>__<seed>__<time> directory, or the
+    resumed run's with the records after its checkpoint dropped (they are logged again). log(record) appends one
+    line to metrics.jsonl and, with --track, logs to Weights & Biases (the run's id is its directory's name, so a
+    resumed run continues its wandb run); finish() closes both at the end."""
+    if checkpoint:
+        run_dir, records = args.resume, truncate_metrics(args.resume, state["step"])
+    else:
+        run_dir, records = new_run_dir(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"), []
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    name = os.path.basename(run_dir)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=name,
+                   id=name.replace(".", "-"), resume="allow", save_code=True)  # fmt: skip
+
+    def log(record: dict):
+        metrics_file.write(json_line(record))
+        metrics_file.flush()
+        if args.track:
+            wandb.log(record, step=record["step"])
+
+    def finish():
+        metrics_file.close()
+        if args.track:
+            wandb.finish()
+
+    return run_dir, records, log, finish
+
+
 def json_line(record: dict) -> str:
     """One line of metrics.jsonl. NaN and infinity are not JSON (JSON.parse and strict parsers reject them): a
     non-finite number is logged as null."""

@@ -34,7 +34,7 @@ class Run:
 
 def run_script(grpo, model_dir, tmp_path, *flags) -> Run:
     run = Run()
-    script_load_vlm, script_response_logprobs = grpo.load_vlm, grpo.response_logprobs
+    script_load_vlm, script_response_logprobs = common.policy.load_vlm, common.policy.response_logprobs
     original_optimizer_init = torch.optim.Optimizer.__init__
 
     def recording_load_vlm(*args, **kwargs):
@@ -66,9 +66,8 @@ def run_script(grpo, model_dir, tmp_path, *flags) -> Run:
         return lambda completion, answer, format_reward=0.0: float(next(calls) % 2)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(grpo, "load_vlm", recording_load_vlm)
-        patch.setattr(grpo, "response_logprobs", recording_response_logprobs)  # the update's forward
-        patch.setattr(common.policy, "response_logprobs", recording_response_logprobs)  # scoring without grad
+        patch.setattr(common.policy, "load_vlm", recording_load_vlm)
+        patch.setattr(common.policy, "response_logprobs", recording_response_logprobs)
         patch.setattr(torch.optim.Optimizer, "__init__", recording_optimizer_init)
         patch.setattr(grpo.tasks, "reward_fn", alternating_reward_fn)
         out = tmp_path / "runs"

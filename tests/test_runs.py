@@ -14,6 +14,7 @@ import tyro
 from safetensors.torch import load_file
 
 from common import runs
+from common.vlm import load_vlm
 
 BUDGET = ["--prompts-per-step", "2", "--group-size", "2", "--train-size", "32", "--eval-size", "4"]
 BUDGET += ["--max-new-tokens", "4", "--lr", "1e-2", "--eval-every", "3", "--no-anneal-lr"]
@@ -34,7 +35,7 @@ def run_main(grpo, model_dir, out, *flags, kill_at_step=None, grad_norm=None):
     """The script's main with these flags; rewards alternate 0, 1, ...; `kill_at_step`: die as that step's metrics
     are about to be written; `grad_norm`: what clip_grad_norm_ reports (NaN: every update is skipped)."""
     rewards = itertools.count()
-    json_line = grpo.json_line
+    json_line = runs.json_line
 
     def dying_json_line(record):
         if record["step"] == kill_at_step:
@@ -43,7 +44,7 @@ def run_main(grpo, model_dir, out, *flags, kill_at_step=None, grad_norm=None):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(grpo.tasks, "reward_fn", lambda task, box_frame=None: lambda c, a, f=0.0: float(next(rewards) % 2))
-        patch.setattr(grpo, "json_line", dying_json_line)
+        patch.setattr(runs, "json_line", dying_json_line)
         if grad_norm is not None:
             patch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(grad_norm))
         grpo.main(tyro.cli(grpo.Args, args=[*BUDGET, "--model", model_dir, "--output-dir", str(out), *flags]))
@@ -127,7 +128,7 @@ def test_resume_refuses_a_reference_model_other_than_the_runs(grpo, tiny_model_d
     (run_dir,) = tmp_path.iterdir()
     state_file = run_dir / "checkpoint-2" / "state.pt"
     state = torch.load(state_file, weights_only=True)
-    assert state["reference_fingerprint"] == runs.weights_fingerprint(grpo.load_vlm(tiny_model_dir)[0])
+    assert state["reference_fingerprint"] == runs.weights_fingerprint(load_vlm(tiny_model_dir)[0])
     torch.save({**state, "reference_fingerprint": "another model"}, state_file)  # as if --model's weights changed
     with pytest.raises(SystemExit, match="not the one the run started with"):
         run_main(grpo, tiny_model_dir, tmp_path, "--resume", str(run_dir))
