@@ -11,7 +11,7 @@ their group's mean.
     python algos/grpo_vlm.py --task counting --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lora --lr 1e-5 --max-new-tokens 256 --track
 
-Docs: README.md ("The GRPO script"). Not meant to be imported except for the pure functions the tests pin.
+Docs: docs/grpo_vlm.md. Not meant to be imported except for the pure functions the tests pin.
 """
 
 import math
@@ -32,8 +32,8 @@ from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.policy import load_policy, micro_batch_logprobs, micro_batches, reference_logprobs, sample, sequence_logprobs  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
 from common.runs import StopSignals, check_flags, latest_checkpoint, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
-from common.tiny_vlm import tiny_model_dir, tiny_processor  # noqa: E402
-from common.vlm import box_frame, build_prompts, greedy_rewards, load_processor, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
+from common.tiny_vlm import tiny_model_dir  # noqa: E402
+from common.vlm import box_frame, build_prompts, greedy_rewards, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
 
 
 @dataclass
@@ -125,9 +125,8 @@ class Args:
     """adamw (torch), adamw8bit (bitsandbytes' 8-bit moments, on the weights' device) or adamw8bit-offload (8-bit
     moments and an fp32 copy of the weights on the CPU; the device keeps only weights and gradients)"""
     rollout_engine: Literal["auto", "hf", "vllm"] = "auto"
-    """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, sleeping while
-    it trains; common/rollout.py) or auto (vLLM when it is installed and there is a GPU, else HF generate, the
-    faster one on CPU); one printed line says which"""
+    """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, asleep while it
+    trains) or auto (vLLM when it is installed and there is a GPU, else HF generate); one printed line says which"""
 
     # Algorithm specific arguments: GRPO
     group_size: int = 8
@@ -146,9 +145,7 @@ class Args:
 # ALGO LOGIC: the heart of GRPO, pure functions (tests/test_grpo_math.py pins them)
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x over positions where mask == 1 (padding and tokens after EOS do not count)."""
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)  # dim None: over all positions
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -182,14 +179,12 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
 def check_args(args: Args):
     """Every flag, before anything loads: the first bad one ends the run with one line that names the fix."""
     check_flags(args)  # the flags every script shares (common/runs.py), then GRPO's own
-    checks = [
-        (args.group_size < 2, f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more"),
-        (args.clip_eps <= 0, f"--clip-eps {args.clip_eps}: use a clip range > 0"),
-        (args.updates_per_step < 1, f"--updates-per-step {args.updates_per_step}: use 1 or more"),
-    ]  # fmt: skip
-    for bad, message in checks:
-        if bad:
-            raise SystemExit(message)
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: GRPO's baseline is the group mean, use --group-size 2 or more")
+    if args.clip_eps <= 0:
+        raise SystemExit(f"--clip-eps {args.clip_eps}: use a clip range > 0")
+    if args.updates_per_step < 1:
+        raise SystemExit(f"--updates-per-step {args.updates_per_step}: use 1 or more")
 
 
 def main(args: Args):
@@ -218,31 +213,19 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
 
-    # TRY NOT TO MODIFY: task data, then whether its prompts fit (with the processor alone: before any weights load)
-    train_examples = tasks.load_task(args.task, "train", args.train_size, args.dataset)
-    eval_examples = tasks.load_task(args.task, "eval", args.eval_size, args.dataset)
-    if args.model == "tiny":
-        processor = tiny_processor(args.task, args.min_pixels, args.max_pixels)
-    else:
-        processor = load_processor(args.model, args.min_pixels, args.max_pixels)
-    for examples in (train_examples[: args.prompts_per_step], eval_examples[: args.prompts_per_step]):
-        build_prompts(processor, [e.image for e in examples], [e.question for e in examples], args.max_prompt_tokens)
+    # TRY NOT TO MODIFY: task data, whose prompts must fit --max-prompt-tokens (checked before any weights load)
+    train_examples, eval_examples = tasks.load_data(args)
 
     # TRY NOT TO MODIFY: actor (the policy we train), reference (frozen KL anchor), optimizer, rollout engine
     model_path = tiny_model_dir(args.task) if args.model == "tiny" else args.model
-    model, processor, reference, reference_fingerprint = load_policy(args, model_path, checkpoint, device)
-    if checkpoint and reference_fingerprint != state["reference_fingerprint"]:
-        raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
-    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; frozen tower: not its weights
-    optimizer = make_optimizer(args.optimizer, trainable, lr=args.lr)
+    model, processor, reference, reference_fingerprint = load_policy(args, model_path, checkpoint, state, device)
+    optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.lr)  # the weights that require grad
     if checkpoint:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
-    dtype = getattr(torch, args.dtype)
-    rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, dtype, args.seed, args.max_prompt_tokens + args.max_new_tokens)
+    rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_prompt_tokens + args.max_new_tokens)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
-    print(memory_plan(model, optimizer, reference if reference is not model else None, engine_bytes))
+    print(memory_plan(model, optimizer, reference, engine_bytes))  # each tensor once: a LoRA reference is the policy
     reward_fn = tasks.reward_fn(args.task, box_frame(model, processor))  # grounding: boxes in the family's frame
-    eos_id = stop_token_id(processor)  # the family's end-of-turn token
     suppressed = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
 
     # TRY NOT TO MODIFY: the run directory (a new one, or the resumed one) and logging
@@ -279,7 +262,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             images, G = [e.image for e in batch], args.group_size
             prompts = build_prompts(processor, images, [e.question for e in batch], args.max_prompt_tokens).to(device)
             response_ids = sample(model, rollout_engine, processor, prompts, images, G, args.max_new_tokens, args.temperature)
-            mask = response_mask(response_ids, eos_id)  # (B*G, T)
+            mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
 
             # TRY NOT TO MODIFY: reward, the task's rule on the decoded text
@@ -348,12 +331,10 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 record.update(last_eval)
             log(record)
             progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_eval['eval/accuracy']:.3f}")
-            saved = args.save_every and step % args.save_every == 0
-            if saved:
+            stopping = stop.requested and step < args.total_steps  # Ctrl-C / kill: save, then leave the loop
+            if (args.save_every and step % args.save_every == 0) or stopping:
                 checkpoint_now(step)
-            if stop.requested and step < args.total_steps:
-                if not saved:
-                    checkpoint_now(step)
+            if stopping:
                 tqdm.write(f"interrupted at step {step}: checkpoint saved; continue with --resume {run_dir}")
                 break
     except KeyboardInterrupt:  # a second Ctrl-C / kill: stop now, without saving a half-finished step

@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from algos.grpo_vlm import group_advantages, grpo_loss  # noqa: E402  (the script's own heart)
 from common.families import QWEN_FAMILIES, TEXT, TINY_QWEN, qwen_vlm  # noqa: E402
 from common.optim import make_optimizer, memory_bytes  # noqa: E402
-from common.policy import prepare_policy, sequence_logprobs  # noqa: E402
-from common.vlm import build_prompts, generate, response_logprobs, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
+from common.policy import micro_batch_logprobs, micro_batches, prepare_policy, reference_logprobs  # noqa: E402
+from common.vlm import build_prompts, generate, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
 
 QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")  # fmt: skip
@@ -175,17 +175,14 @@ def grpo_step(model, ref_model, optimizer, processor, prompts, flags, G, max_new
     advantages = group_advantages(torch.rand(len(response_ids)), G).to(device)
     suppressed, N = suppressed_token_ids(processor), len(response_ids)
     scoring = (inputs, response_ids, mask, suppressed, 1.0, mb)
-    ref_logprobs = sequence_logprobs(ref_model, *scoring) if ref_model is not None else None
-    if flags["lora"] and flags["beta"] > 0:
-        with model.disable_adapter():
-            ref_logprobs = sequence_logprobs(model, *scoring)
+    reference = model if flags["lora"] else ref_model  # as load_policy: LoRA's reference is the adapter-less policy
+    ref_logprobs = reference_logprobs(reference, *scoring) if flags["beta"] > 0 else None
     optimizer.zero_grad(set_to_none=True)
-    for s in range(0, N, mb):
-        e = min(s + mb, N)
-        logprobs = response_logprobs(model, select(inputs, range(s, e)), response_ids[s:e], mask[s:e], suppressed, 1.0)
-        ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[s:e]
-        loss = grpo_loss(logprobs, logprobs.detach(), ref, advantages[s:e], mask[s:e], 0.2, flags["beta"])[0]
-        (loss * (e - s) / N).backward()
+    for rows in micro_batches(N, mb):
+        logprobs = micro_batch_logprobs(model, rows, *scoring[:-1])
+        ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[rows]
+        loss = grpo_loss(logprobs, logprobs.detach(), ref, advantages[rows], mask[rows], 0.2, flags["beta"])[0]
+        (loss * len(logprobs) / N).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     out["parts"] = dict(memory_bytes(model, optimizer, ref_model)[0][str(next(model.parameters()).device)])
     optimizer_start = now()

@@ -10,12 +10,12 @@ from common.runs import weights_fingerprint
 from common.vlm import generate, load_vlm, response_logprobs, select, vision_tower
 
 
-def load_policy(args, model_path: str, checkpoint: str | None, device: str):
+def load_policy(args, model_path: str, checkpoint: str | None, state: dict | None, device: str):
     """(model, processor, reference, reference_fingerprint): the actor (the policy we train), made trainable as the
     memory flags say, and the reference (the frozen KL anchor, the initial policy): None with --beta 0, a frozen
     copy of model_path, or with --lora the policy itself (scored with its adapters disabled: the base weights, no
-    second copy). A resumed run's actor comes from its checkpoint: its full weights, or the base and its adapters.
-    The fingerprint tells a resumed run whether its reference is the one the run started with."""
+    second copy). A resumed run's actor comes from its checkpoint (`state` its state.pt): its full weights, or the
+    base and its adapters; its reference must be the one the run started with (the fingerprint says)."""
     dtype = getattr(torch, args.dtype)
     policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
     model, processor = load_vlm(policy_path, dtype, device, args.min_pixels, args.max_pixels)
@@ -30,6 +30,8 @@ def load_policy(args, model_path: str, checkpoint: str | None, device: str):
         if not args.lora:
             reference.eval().requires_grad_(False)
             fingerprint = weights_fingerprint(reference)
+    if checkpoint and fingerprint != state["reference_fingerprint"]:
+        raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
     return model, processor, reference, fingerprint
 
 

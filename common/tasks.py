@@ -328,6 +328,23 @@ def summarize(task: str, rewards: list[float], prefix: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def load_data(args) -> tuple[list, list]:
+    """(train examples, held-out examples) of --task (--dataset: a real one), after checking with the processor
+    alone, before any weights load, that their prompts fit --max-prompt-tokens (if not, one line says what to do)."""
+    from common.tiny_vlm import tiny_processor  # imported here: tiny_vlm imports this module
+    from common.vlm import build_prompts, load_processor
+
+    train = load_task(args.task, "train", args.train_size, args.dataset)
+    held_out = load_task(args.task, "eval", args.eval_size, args.dataset)
+    if args.model == "tiny":
+        processor = tiny_processor(args.task, args.min_pixels, args.max_pixels)
+    else:
+        processor = load_processor(args.model, args.min_pixels, args.max_pixels)
+    for examples in (train[: args.prompts_per_step], held_out[: args.prompts_per_step]):
+        build_prompts(processor, [e.image for e in examples], [e.question for e in examples], args.max_prompt_tokens)
+    return train, held_out
+
+
 def load_task(task: str, split: str, n: int, dataset: str | None = None, image_size: int = 64):
     """Examples for a task: the synthetic twin, or `dataset` (a hub id or a local path) via `load_dataset`."""
     if task not in TASKS:
