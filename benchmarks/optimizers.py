@@ -6,7 +6,7 @@ randomly initialised, trained on random text (an optimizer does not care what th
 
 Each optimizer runs in its own subprocess so that peak RSS (and CUDA's max_memory_allocated) is its own.
 On a CPU-only machine the "device" is the CPU too: offloading then only adds a copy of the weights, and
-bitsandbytes' 8-bit update on CPU is slow (MEASURED.md); the numbers that matter for a GPU need a GPU.
+bitsandbytes' 8-bit update on CPU is slow (docs/memory.md); benchmarks/gpu_memory.py measures on a GPU.
 """
 
 import json
