@@ -1,13 +1,17 @@
 """Shared fixtures: the repo root on sys.path (so `import common` works), a randomly initialised tiny Qwen2-VL
-saved to disk once per session, and the pure functions of algos/grpo_vlm.py (algos/ is not a package)."""
+saved to disk once per session, and the algorithm scripts algos/*_vlm.py as modules (algos/ is not a package):
+`script` is each of them in turn, so a new script is run by the smoke and CLI tests as soon as it exists; `grpo` is
+algos/grpo_vlm.py alone, for the tests of GRPO's own math and flags."""
 
 import atexit
+import dataclasses
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -25,6 +29,37 @@ sys.path.insert(0, str(REPO_ROOT))
 from common import tasks  # noqa: E402
 from common.tiny_vlm import build_random_tiny_vlm  # noqa: E402
 from common.vlm import build_prompts, load_vlm  # noqa: E402
+
+SCRIPTS = sorted((REPO_ROOT / "algos").glob("*_vlm.py"))
+
+
+def load_script(path: Path) -> ModuleType:
+    """algos/<name>.py as the module <name> (its `__main__` guard makes importing it side-effect free), once. It is
+    registered in sys.modules: tyro reads the Args docstrings from the source through it (--help)."""
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    return sys.modules[path.stem]
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    """One algorithm script: `path` as a user types it (algos/grpo_vlm.py), `module` the file imported."""
+
+    path: str
+    module: ModuleType
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def optional(self, *flags: str) -> list[str]:
+        """`flags` if the script takes the first of them, else none: for an algorithm's own flag (GRPO's --group-size
+        2 keeps a test's budget tiny) in a test that every script runs."""
+        field = flags[0].removeprefix("--no-").removeprefix("--").replace("-", "_")
+        return list(flags) if field in {f.name for f in dataclasses.fields(self.module.Args)} else []
 
 
 @pytest.fixture(scope="session")
@@ -47,13 +82,16 @@ def tiny_vlm(tiny_model_dir):
     return model.eval(), processor
 
 
+@pytest.fixture(scope="session", params=SCRIPTS, ids=[path.stem for path in SCRIPTS])
+def script(request) -> Script:
+    """Each algos/*_vlm.py in turn (test ids: [grpo_vlm], ...)."""
+    return Script(str(request.param.relative_to(REPO_ROOT)), load_script(request.param))
+
+
 @pytest.fixture(scope="session")
-def grpo():
-    """algos/grpo_vlm.py as a module (its `__main__` guard makes importing it side-effect free)."""
-    spec = importlib.util.spec_from_file_location("grpo_vlm", REPO_ROOT / "algos" / "grpo_vlm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def grpo() -> ModuleType:
+    """algos/grpo_vlm.py as a module: GRPO's pure functions, and runs that use GRPO's own flags."""
+    return load_script(REPO_ROOT / "algos" / "grpo_vlm.py")
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +104,4 @@ def make_prompts(tiny_vlm):
         return build_prompts(processor, images, questions, max_prompt_tokens)
 
     return make
+

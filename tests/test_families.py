@@ -1,7 +1,7 @@
 """Every supported VLM family through the same code path: a tiny random-init checkpoint of each (common/families.py)
-is trained for one GRPO step as a user runs the script, and scored the way the trainer scores: batched log-probs
-equal per-sample ones, training log-probs equal the sampling distribution of `generate`, and the Qwen-VL M-RoPE
-offsets cached by `generate` do not leak into the next forward."""
+is trained for one step by each algorithm script (algos/*_vlm.py), as a user runs it, and scored the way the trainer
+scores: batched log-probs equal per-sample ones, training log-probs equal the sampling distribution of `generate`,
+and the Qwen-VL M-RoPE offsets cached by `generate` do not leak into the next forward."""
 
 import json
 import math
@@ -51,19 +51,20 @@ def checkpoint(request, checkpoints) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def grpo_runs(checkpoints, repo_root, tmp_path_factory):
-    """One GRPO step per family, run as a user runs the script. The four subprocesses start at once, one thread
+def step_runs(script, checkpoints, repo_root, tmp_path_factory):
+    """One step of the script per family, run as a user runs it. The four subprocesses start at once, one thread
     each (most of their time is importing torch and transformers); each test waits for its own."""
     runs = {}
     for family, path in checkpoints.items():
-        out = tmp_path_factory.mktemp(f"grpo-{family}")
-        flags = ["--model", path, "--total-steps", "1", "--prompts-per-step", "2", "--group-size", "2"]
+        out = tmp_path_factory.mktemp(f"{script.name}-{family}")
+        flags = ["--model", path, "--total-steps", "1", "--prompts-per-step", "2", *script.optional("--group-size", "2")]
         flags += ["--train-size", "8", "--eval-size", "4", "--max-new-tokens", "4", "--output-dir", str(out / "runs")]
-        flags += ["--no-skip-zero-advantage-groups"]  # a random model earns reward 0: still run the update's forward
+        # a random model earns reward 0: still run the update's forward
+        flags += script.optional("--no-skip-zero-advantage-groups")
         flags += ["--rollout-engine", "vllm"]  # each family's rollouts through the co-located vLLM engine
         env = {**os.environ, "VLRL_CACHE": str(out / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
-            process = subprocess.Popen([sys.executable, "algos/grpo_vlm.py", *flags], cwd=repo_root, env=env, stdout=stdout, stderr=stderr)
+            process = subprocess.Popen([sys.executable, script.path, *flags], cwd=repo_root, env=env, stdout=stdout, stderr=stderr)
         runs[family] = (process, out)
     yield runs
     for process, _ in runs.values():
@@ -95,9 +96,9 @@ def random_responses(processor, n, length, seed=0):
     return responses
 
 
-def test_one_grpo_step_runs_end_to_end_and_the_saved_model_reloads(checkpoint, grpo_runs):
+def test_one_step_runs_end_to_end_and_the_saved_model_reloads(checkpoint, step_runs):
     family, _ = checkpoint
-    process, out = grpo_runs[family]
+    process, out = step_runs[family]
     assert process.wait(timeout=300) == 0, (out / "stderr").read_text()[-3000:]
     (run_dir,) = (out / "runs").iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -57,10 +57,10 @@ def test_a_hub_id_loads_from_the_offline_cache(repo_root, hf_home, tiny_model_di
     assert weights.is_symlink() and weights.resolve() == (snapshot / "model.safetensors").resolve()
 
 
-def test_the_script_trains_a_hub_id_from_the_offline_cache(repo_root, hf_home, tmp_path):
-    args = "--model org/name --total-steps 1 --eval-size 4 --train-size 8 --prompts-per-step 2 --group-size 2"
-    args += f" --max-new-tokens 4 --output-dir {tmp_path / 'runs'}"
-    out = run(["algos/grpo_vlm.py", *args.split()], repo_root, hf_home, tmp_path)
+def test_the_script_trains_a_hub_id_from_the_offline_cache(script, repo_root, hf_home, tmp_path):
+    args = ["--model", "org/name", "--total-steps", "1", "--eval-size", "4", "--train-size", "8", "--prompts-per-step", "2"]
+    args += [*script.optional("--group-size", "2"), "--max-new-tokens", "4", "--output-dir", str(tmp_path / "runs")]
+    out = run([script.path, *args], repo_root, hf_home, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -106,8 +106,8 @@ def test_a_text_only_checkpoint_exits_asking_for_a_vision_language_one(text_only
     assert str(exited.value) == text_only_message(text_only_dir)
 
 
-def test_the_script_on_a_text_only_checkpoint_prints_one_line(repo_root, hf_home, text_only_dir, tmp_path):
-    args = ["algos/grpo_vlm.py", "--model", text_only_dir, "--output-dir", str(tmp_path / "runs")]
+def test_the_script_on_a_text_only_checkpoint_prints_one_line(script, repo_root, hf_home, text_only_dir, tmp_path):
+    args = [script.path, "--model", text_only_dir, "--output-dir", str(tmp_path / "runs")]
     out = run(args, repo_root, hf_home, tmp_path)
     assert out.returncode == 1
     assert out.stderr.splitlines() == [text_only_message(text_only_dir)]

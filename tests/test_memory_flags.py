@@ -3,7 +3,9 @@
 Each test runs algos/grpo_vlm.py's `main` in-process on the random tiny model with a tiny budget, parsing the
 flags as the command line does, and looks inside: which weights moved, what the optimizer holds, what the
 reference scored, how often a decoder layer ran. Every test would fail if its flag were ignored. Rewards are
-replaced by 0, 1, 0, 1, ... so that every group has a nonzero advantage and every step really updates.
+replaced by 0, 1, 0, 1, ... so that every group has a nonzero advantage and every step really updates. GRPO only
+(the `grpo` fixture): the runs use its --group-size, and the flags act in common/policy.py (load_policy), the same in
+every script.
 """
 
 import itertools

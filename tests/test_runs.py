@@ -2,7 +2,8 @@
 
 The resume tests run algos/grpo_vlm.py's `main` in-process on the random tiny model, with rewards replaced by
 0, 1, 0, 1, ... so that every step really updates the weights: a resumed run can only match the run that was not
-interrupted if the weights, the optimizer's moments, the LR schedule and every RNG state were restored.
+interrupted if the weights, the optimizer's moments, the LR schedule and every RNG state were restored. GRPO only
+(the `grpo` fixture): the runs use its --group-size, and what they pin is common/runs.py's, the same in every script.
 """
 
 import itertools

@@ -1,0 +1,316 @@
+"""Every algorithm script (algos/*_vlm.py, the `script` fixture) run as a user runs it: in a subprocess with a tiny
+budget (CleanRL style), and, where a process adds nothing, its `main` in-process, parsing the flags as the command
+line does. A new script is run by these tests as soon as it exists. Flags that only GRPO-like scripts have go through
+`script.optional`: --group-size 2 keeps a run tiny where the script samples groups."""
+
+import ast
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import tyro
+from safetensors.torch import load_file
+
+from common.vlm import load_vlm
+
+TRAIN_KEYS = [
+    "step",
+    "charts/learning_rate",
+    "charts/reward_mean",
+    "charts/reward_std",
+    "charts/response_length",
+    "charts/zero_advantage_groups",
+    "losses/grad_norm",
+    "charts/step_time",
+    "eval/accuracy",
+]
+LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy"]  # null when a step trains on nothing
+
+
+def run_script(script, repo_root, tmp_path, *flags, **env):
+    """Run the script from the repo root, offline, with its caches under tmp_path."""
+    full_env = {**os.environ, "VLRL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run(
+        [sys.executable, script.path, *flags],
+        cwd=repo_root, env=full_env, capture_output=True, text=True, encoding="utf-8", timeout=300,
+    )  # fmt: skip
+
+
+def tiny(script, *flags):
+    """A tiny budget: 2 prompts per step (groups of 2 where the script samples groups), short answers, few examples."""
+    return ["--prompts-per-step", "2", *script.optional("--group-size", "2"), "--max-new-tokens", "4", *flags]
+
+
+@pytest.fixture(scope="module")
+def smoke(script, repo_root, tiny_model_dir, tmp_path_factory):
+    """Two steps on the random tiny model, evaluated every step, tracked with wandb offline."""
+    tmp = tmp_path_factory.mktemp(f"{script.name}-smoke")
+    flags = tiny(script, "--total-steps", "2", "--eval-every", "1", "--eval-size", "8", "--train-size", "32")
+    flags += ["--output-dir", str(tmp / "runs"), "--model", tiny_model_dir, "--track"]
+    result = run_script(script, repo_root, tmp, *flags, WANDB_MODE="offline", WANDB_DIR=str(tmp), WANDB_SILENT="true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp / "runs").iterdir()
+    return result, run_dir, tmp
+
+
+def check_metrics(run_dir, steps):
+    """metrics.jsonl holds a step-0 eval record, then one record per step with every key, finite. The losses are
+    null instead only when every group was left out of the update (the random model's rewards are all 0, so its
+    groups' rewards are all equal): finite otherwise."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(steps + 1))
+    assert math.isfinite(records[0]["eval/accuracy"])
+    for record in records[1:]:
+        for key in TRAIN_KEYS:
+            assert key in record and math.isfinite(record[key]), (key, record)
+        losses = [record[key] for key in LOSSES]
+        if record["charts/zero_advantage_groups"] == 1 and losses == [None] * len(LOSSES):
+            continue  # every group skipped: nothing was trained on
+        assert all(value is not None and math.isfinite(value) for value in losses), record
+
+
+def test_smoke_run_logs_every_metric_for_every_step(smoke):
+    check_metrics(smoke[1], steps=2)
+
+
+@pytest.mark.parametrize("task, extra_keys", [("math", []), ("grounding", ["charts/iou", "eval/iou"])], ids=["math", "grounding"])
+def test_other_tasks_run_one_step_and_log_their_metrics(script, repo_root, tiny_model_dir, tmp_path, task, extra_keys):
+    flags = ["--task", task, "--total-steps", "1", "--eval-size", "4", "--train-size", "8", "--prompts-per-step", "2"]
+    flags += [*script.optional("--group-size", "2"), "--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir]
+    result = run_script(script, repo_root, tmp_path, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    check_metrics(run_dir, steps=1)
+    first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in extra_keys:
+        assert 0.0 <= (first | last)[key] <= 1.0, key
+    if task == "grounding":  # the task's default budget fits a box: 24 tokens (a random model rarely stops early)
+        assert 8 < last["charts/response_length"] <= 24
+
+
+def test_auto_rollout_engine_picks_hf_generate_on_a_cpu_machine(smoke):
+    """On CPU, HF generate is the faster engine (docs/vllm.md, "Speed on a CPU"); vLLM only when asked for."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: auto picks vLLM there when it is installed")
+    assert "rollout engine: HF generate (no GPU" in smoke[0].stdout, smoke[0].stdout[:2000]
+
+
+def test_smoke_run_saves_a_model_that_reloads(smoke):
+    _, run_dir, _ = smoke
+    assert (run_dir / "model" / "config.json").exists() and (run_dir / "model" / "model.safetensors").exists()
+    model, processor = load_vlm(str(run_dir / "model"))
+    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") == model.generation_config.eos_token_id
+
+
+def test_readmes_reload_snippet_loads_the_saved_model_and_processor(smoke, repo_root):
+    """README promises how to reload a trained policy: its snippet, run as written, on this (CPU) machine."""
+    readme = (repo_root / "README.md").read_text()
+    snippet = re.search(r"```python\n(# reload a trained policy.*?)```", readme, re.DOTALL).group(1)
+    namespace = {}
+    exec(snippet.replace("runs/<run_name>/model", str(smoke[1] / "model")), namespace)
+    assert namespace["model"].config.model_type == "qwen2_vl" and hasattr(namespace["processor"], "image_processor")
+
+
+def test_smoke_run_ends_with_the_accuracy_summary_and_an_offline_wandb_run(smoke):
+    result, _, tmp = smoke
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert "eval/accuracy" in last_line and "→" in last_line, last_line
+    assert list((tmp / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+
+
+# The command line: --help, and bad flags refused before anything loads
+def field_docstrings(path) -> dict[str, str]:
+    """{field: docstring} of the script's Args, read from its source (the string under each field)."""
+    tree = ast.parse(path.read_text())
+    (args,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
+    docstrings = {}
+    for field, below in zip(args.body, args.body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(below, ast.Expr) and isinstance(below.value, ast.Constant):
+            docstrings[field.target.id] = below.value.value
+    return docstrings
+
+
+def test_help_shows_every_flag_with_its_docstring(script, repo_root, capsys):
+    docstrings = field_docstrings(repo_root / script.path)
+    assert set(docstrings) == {f.name for f in dataclasses.fields(script.module.Args)}, "a field without a docstring"
+    with pytest.raises(SystemExit) as exited:
+        tyro.cli(script.module.Args, args=["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # the help's line breaks and padding undone
+    for field, docstring in docstrings.items():
+        assert re.search(f"--{field.replace('_', '-')}(?![\\w-])", text), field  # --lora, not only --lora-rank
+        assert " ".join(docstring.split()) in text, field
+
+
+SHARED_BAD_FLAGS = [  # flags every script has (common/runs.py: check_flags); GRPO's own: tests/test_grpo_step.py
+    (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--prompts-per-step", "9"], "--train-size"),  # > --train-size 8
+    (["--prompts-per-step", "0"], "--prompts-per-step"),
+    (["--temperature", "0"], "--temperature"),
+    (["--total-steps", "0"], "--total-steps"),
+    (["--eval-size", "0"], "--eval-size"),
+    (["--lora-merge"], "--lora"),
+    (["--max-prompt-tokens", "4"], "--max-prompt-tokens"),
+    (["--save-every", "-1"], "--save-every"),
+    (["--resume", "/nonexistent/run"], "/nonexistent/run"),
+]
+
+
+def flag_id(flags) -> str:
+    return "=".join(flag.removeprefix("--") for flag in flags)
+
+
+@pytest.mark.parametrize("flags, message", SHARED_BAD_FLAGS, ids=[flag_id(flags) for flags, _ in SHARED_BAD_FLAGS])
+def test_bad_flag_ends_the_run_with_one_line_before_anything_loads(script, tmp_path, monkeypatch, flags, message):
+    """In-process, parsed as the command line parses them. Checked before any model loads or builds (--model tiny's
+    cache is a file here: building the model there would fail at once, with another error) and before the run
+    directory is made."""
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("VLRL_CACHE", str(tmp_path / "cache"))
+    base = ["--train-size", "8", "--eval-size", "4", "--prompts-per-step", "2", "--output-dir", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match=re.escape(message)) as exited:
+        script.module.main(tyro.cli(script.module.Args, args=[*base, *flags]))
+    assert "\n" not in str(exited.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_flag_ends_the_process_with_one_line_and_a_failure_status(script, repo_root, tmp_path):
+    """As a user sees it: one line on stderr (no traceback), a non-zero exit status, in seconds."""
+    start = time.time()
+    result = run_script(script, repo_root, tmp_path, "--eval-every", "0", "--output-dir", str(tmp_path / "runs"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--eval-every" in result.stderr, result.stderr
+    assert time.time() - start < 30 and not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+CHOICES = [["--task", "cnt"], ["--optimizer", "foo"], ["--dtype", "float16"], ["--rollout-engine", "x"]]
+
+
+@pytest.mark.parametrize("flag, value", CHOICES, ids=[flag_id(flags) for flags in CHOICES])
+def test_a_flag_outside_its_choices_is_refused_by_the_parser_with_the_choices(script, capsys, flag, value):
+    with pytest.raises(SystemExit) as exited:
+        tyro.cli(script.module.Args, args=[flag, value])
+    error = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2
+    assert f"invalid choice '{value}' for argument '{flag}'" in error and "Expected one of" in error, error
+
+
+# Stopping and resuming, as the operating system does it
+def start_script(script, repo_root, tmp_path, *flags, **popen):
+    env = {**os.environ, "VLRL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, script.path, *flags], cwd=repo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
+
+
+def wait_for(condition, what, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"waited {timeout}s for {what}"
+        time.sleep(0.05)
+
+
+def ignore_sigint():  # what a shell does to a command it starts in the background (`python ... &` in a script)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum, preexec", [(signal.SIGTERM, None), (signal.SIGINT, ignore_sigint)], ids=["sigterm", "sigint-in-background"])
+def test_a_signal_stops_the_run_after_its_step_and_saves_a_checkpoint_and_the_model(script, repo_root, tiny_model_dir, tmp_path, signum, preexec):
+    flags = ["--total-steps", "1000", "--eval-every", "1000", "--eval-size", "4", "--train-size", "32", "--save-every", "0"]
+    flags += tiny(script, *script.optional("--no-skip-zero-advantage-groups"))  # every step updates
+    process = start_script(script, repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir, preexec_fn=preexec)
+    wait_for(lambda: any(p.name == "metrics.jsonl" and p.stat().st_size > 0 for p in (tmp_path / "runs").rglob("*")), "step 0")
+    time.sleep(2)  # a few training steps
+    process.send_signal(signum)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out[-3000:]
+    assert "interrupted at step" in out and "--resume" in out, out[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "model" / "config.json").exists()
+    (checkpoint,) = run_dir.glob("checkpoint-*")
+    last_step = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert checkpoint.name == f"checkpoint-{last_step}"
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint_to_the_uninterrupted_runs_end(script, repo_root, tiny_model_dir, tmp_path):
+    flags = ["--total-steps", "40", "--save-every", "5", "--eval-every", "10", "--eval-size", "8", "--train-size", "64"]
+    flags += tiny(script, *script.optional("--no-skip-zero-advantage-groups"), "--model", tiny_model_dir)
+    straight = run_script(script, repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    process = start_script(script, repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "killed"))
+    wait_for(lambda: list((tmp_path / "killed").glob("*/checkpoint-[0-9]*[0-9]")), "the first checkpoint")
+    process.kill()  # SIGKILL: nothing runs on the way out
+    process.communicate(timeout=60)
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    assert not (run_dir / "model").exists(), "the run finished before it was killed: give it more steps"
+    resumed = run_script(script, repo_root, tmp_path, "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (straight_dir,) = (tmp_path / "straight").iterdir()
+    a, b = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight_dir, run_dir))
+    assert [r["step"] for r in b] == list(range(41))
+    same = ("eval/accuracy", "charts/reward_mean", "charts/response_length", "losses/loss", "losses/kl")
+    assert [[r.get(k) for k in same] for r in a] == [[r.get(k) for k in same] for r in b]
+    final_a = load_file(straight_dir / "model" / "model.safetensors")
+    final_b = load_file(run_dir / "model" / "model.safetensors")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(script, repo_root, tiny_model_dir, tmp_path):
+    """Every name this run could get from its start time is taken: it must make a new directory, not reuse one."""
+    now, out = int(time.time()), tmp_path / "runs"
+    taken = [out / f"counting__{script.name}__1__{t}" for t in range(now, now + 120)]
+    for path in taken:
+        path.mkdir(parents=True)
+    flags = tiny(script, "--total-steps", "1", "--eval-size", "4", "--train-size", "8")
+    result = run_script(script, repo_root, tmp_path, *flags, "--model", tiny_model_dir, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(not any(path.iterdir()) for path in taken)
+    (new,) = [p for p in out.iterdir() if p not in taken]
+    assert new.name.endswith("-2") and (new / "metrics.jsonl").exists()
+
+
+# What every step logs, in-process
+def run_in_process(script, model_dir, out, *flags):
+    """The script's main with these flags on the random tiny model, rewards 0, 1, 0, 1, ... (every group varies, so
+    every step updates): (its records, the learning rate of each optimizer step)."""
+    rewards, step_lrs = itertools.count(), []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        step_lrs.append(optimizer.param_groups[0]["lr"])
+        return adamw_step(optimizer, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(script.module.tasks, "reward_fn", lambda task, box_frame=None: lambda c, a, f=0.0: float(next(rewards) % 2))
+        patch.setattr(torch.optim.AdamW, "step", recording_step)
+        flags = tiny(script, "--train-size", "8", "--eval-size", "4", "--model", model_dir, "--output-dir", str(out), *flags)
+        script.module.main(tyro.cli(script.module.Args, args=flags))
+    (run_dir,) = out.iterdir()
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], step_lrs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("anneal, expected", [("--anneal-lr", [1e-3, 7.5e-4, 5e-4, 2.5e-4]), ("--no-anneal-lr", [1e-3] * 4)], ids=["annealed", "constant"])
+def test_the_learning_rate_of_every_step_is_logged(script, tiny_model_dir, tmp_path, one_thread, anneal, expected):
+    # linear decay to 0 over 4 steps: step s trains with lr * (1 - (s - 1) / 4)
+    records, step_lrs = run_in_process(script, tiny_model_dir, tmp_path, "--total-steps", "4", "--lr", "1e-3", anneal)
+    logged = [r["charts/learning_rate"] for r in records[1:]]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert step_lrs == logged  # the rate each optimizer step used
