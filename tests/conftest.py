@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 # The suite runs as on a new machine even on a warm one: vLLM's cache (its `modelinfos` once hid a bug that failed
 # every fresh machine), Hugging Face's and ours start empty, in a folder of their own. Set before anything imports
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from common import tasks  # noqa: E402
 from common.tiny_vlm import build_random_tiny_vlm  # noqa: E402
-from common.vlm import build_prompts, load_vlm  # noqa: E402
+from common.vlm import build_prompts, generate, load_vlm  # noqa: E402
 
 SCRIPTS = sorted((REPO_ROOT / "algos").glob("*_vlm.py"))
 
@@ -105,3 +106,27 @@ def make_prompts(tiny_vlm):
 
     return make
 
+
+@pytest.fixture(scope="session")
+def sample_with_scores():
+    """sample_with_scores(model, processor, prompts, G, max_new_tokens, temperature): common.vlm.generate's sampled
+    responses (B*G, T), as the trainer samples them, and the processed logits HF sampled each token from (B*G, T, V),
+    recorded by asking `generate` for its scores. Whatever settings common.vlm.generate passes, log_softmax of these
+    scores is the distribution the tokens were drawn from."""
+
+    def sample(model, processor, prompts, num_samples, max_new_tokens, temperature):
+        recorded, generate_as_configured = {}, model.generate
+
+        def generate_with_scores(**kwargs):
+            out = generate_as_configured(**kwargs, output_scores=True, return_dict_in_generate=True)
+            recorded["scores"] = torch.stack(out.scores, dim=1).float()
+            return out.sequences
+
+        model.generate = generate_with_scores
+        try:
+            responses = generate(model, processor, prompts, num_samples, max_new_tokens, temperature, greedy=False)
+        finally:
+            del model.generate  # the class's method again
+        return responses, recorded["scores"]
+
+    return sample

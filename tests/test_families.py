@@ -191,18 +191,13 @@ def test_batched_logprobs_with_left_padding_and_different_image_sizes_equal_per_
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
 
 
-def test_training_logprobs_equal_the_sampling_distribution_of_generate(loaded):
+def test_training_logprobs_equal_the_sampling_distribution_of_generate(loaded, sample_with_scores):
     family, model, processor = loaded
     prompts = build_prompts(processor, noise_images(IMAGE_SIZES[:2], seed=1), QUESTIONS[:2], 512)
     eos, suppressed, G = stop_token_id(processor), suppressed_token_ids(processor), 3
     torch.manual_seed(0)
-    out = model.generate(
-        **prompts, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6, num_return_sequences=G,
-        suppress_tokens=suppressed, eos_token_id=eos, pad_token_id=eos, output_scores=True, return_dict_in_generate=True,
-    )  # fmt: skip (the settings of common.vlm.generate, plus the scores)
-    responses = out.sequences[:, prompts["input_ids"].shape[1] :]
+    responses, scores = sample_with_scores(model, processor, prompts, G, 6, 1.0)  # as common.vlm.generate samples
     mask = response_mask(responses, eos)
-    scores = torch.stack(out.scores, dim=1).float()  # (N, T, V): the processed logits sampled from
     sampled = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         trained = response_logprobs(model, select(prompts, [0] * G + [1] * G), responses, mask, suppressed)

@@ -199,19 +199,15 @@ def test_suppressed_ids_are_the_special_tokens_except_eos(tiny_vlm):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_training_logprobs_equal_the_sampling_distribution_of_generate(tiny_vlm, make_prompts, temperature):
+def test_training_logprobs_equal_the_sampling_distribution_of_generate(tiny_vlm, make_prompts, sample_with_scores, temperature):
+    """common.vlm.generate as the trainer calls it, its sampling settings unread here: a top-k or top-p cut, another
+    temperature or an unsuppressed token would make the distribution it samples from differ from the one we train."""
     model, processor = tiny_vlm
     prompts = make_prompts(QUESTIONS[:2])
     eos, suppressed, G = ids(processor, "<|im_end|>"), suppressed_token_ids(processor), 3
     torch.manual_seed(0)
-    out = model.generate(
-        **prompts, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6,
-        num_return_sequences=G, suppress_tokens=suppressed, eos_token_id=eos, pad_token_id=eos,
-        output_scores=True, return_dict_in_generate=True,
-    )  # fmt: skip
-    responses = out.sequences[:, prompts["input_ids"].shape[1] :]
+    responses, scores = sample_with_scores(model, processor, prompts, G, 6, temperature)  # scores: (N, T, V)
     mask = response_mask(responses, eos)
-    scores = torch.stack(out.scores, dim=1).float()  # (N, T, V): the processed logits sampled from
     assert (scores[..., suppressed] == float("-inf")).all()
     sampled = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
