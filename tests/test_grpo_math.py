@@ -81,12 +81,20 @@ def test_k3_kl_equals_exp_d_minus_d_minus_one_and_is_non_negative(grpo):
     # with A = 0 and ratio 1 the loss is beta * the per-sequence KL, averaged
     loss, kl, _ = grpo.grpo_loss(logprobs, logprobs, ref, zeros, mask, 0.2, 0.1)
     assert loss.item() == pytest.approx(0.1 * sum(expected) / 3, abs=1e-6)
-    torch.manual_seed(0)
-    logprobs, ref = -torch.rand(64, 8) * 10, -torch.rand(64, 8) * 10
-    _, kl, _ = grpo.grpo_loss(logprobs, logprobs, ref, torch.zeros(64), torch.ones(64, 8), 0.2, 0.1)
-    assert kl.item() >= 0.0
-    per_token = torch.exp(ref - logprobs) - (ref - logprobs) - 1
-    assert (per_token >= 0).all()  # the estimator itself, token by token
+
+
+def test_k3_kl_of_one_token_is_exp_d_minus_d_minus_one_for_many_random_d(grpo):
+    # d = ref - logp over a wide range; each single-token sequence's kl from grpo_loss against e^d - d - 1 in float64
+    generator = torch.Generator().manual_seed(0)
+    logprobs = -torch.rand(200, 1, generator=generator) * 10
+    ref = -torch.rand(200, 1, generator=generator) * 10
+    ds = (ref - logprobs).double().flatten().tolist()
+    assert min(ds) < -8 and max(ds) > 8 and min(map(abs, ds)) < 0.1  # far below, far above and near 0
+    zero, one = torch.zeros(1), torch.ones(1, 1)
+    for i, d in enumerate(ds):
+        _, kl, _ = grpo.grpo_loss(logprobs[i : i + 1], logprobs[i : i + 1], ref[i : i + 1], zero, one, 0.2, 0.1)
+        assert kl.item() == pytest.approx(math.exp(d) - d - 1, rel=1e-5, abs=1e-6), d
+        assert kl.item() >= 0.0, d
 
 
 def test_each_sequence_is_weighted_by_one_over_its_own_length(grpo):
