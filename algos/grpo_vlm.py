@@ -164,7 +164,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
         kl    = exp(ref_logp - logp) - (ref_logp - logp) - 1      (k3: >= 0, unbiased)
         loss  = -mean_i [ (1/|y_i|) sum_t (surr - beta * kl) ]
     logprobs, old_logprobs, ref_logprobs, mask: (N, T); advantages: (N,), one per sequence.
-    Returns (loss, kl, clip fraction); kl and clip fraction are token means for logging."""
+    Returns (loss, kl, clip fraction); the last two, logged, are averaged as the loss: per response, then over them."""
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.unsqueeze(1)  # (N, 1): the sequence's advantage on each of its tokens
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
@@ -173,7 +173,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
     per_token = surrogate - beta * kl
     loss = -masked_mean(per_token, mask, dim=1).mean()
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    return loss, masked_mean(kl, mask).detach(), masked_mean(clipped, mask).detach()
+    return loss, masked_mean(kl, mask, dim=1).mean().detach(), masked_mean(clipped, mask, dim=1).mean().detach()
 
 
 def check_args(args: Args):
@@ -296,7 +296,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                     ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[rows]  # beta = 0: KL term is 0
                     loss, kl, clipfrac = grpo_loss(logprobs, old, ref, advantages[rows], mask[rows], args.clip_eps, args.beta)
                     (loss * len(logprobs) / N).backward()  # the step's loss is the mean over all N sequences
-                    entropy = -masked_mean(logprobs.detach(), mask[rows])  # -log p of the sampled tokens: a Monte Carlo estimate
+                    entropy = -masked_mean(logprobs.detach(), mask[rows], dim=1).mean()  # -log p of the sampled tokens
                     stats += torch.stack([loss.detach(), kl, clipfrac, entropy]).cpu() * len(logprobs) / N / args.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                 if N == 0:  # every group skipped: no gradient, and AdamW's weight decay would still move the weights
