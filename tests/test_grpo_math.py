@@ -111,6 +111,17 @@ def test_each_sequence_is_weighted_by_one_over_its_own_length(grpo):
     assert kl.item() == 0.0
 
 
+def test_logged_kl_and_clip_fraction_are_averaged_per_sequence_then_over_sequences(grpo):
+    # as the loss is: a long sequence does not outweigh a short one, so neither depends on how sequences are batched
+    old = torch.zeros(2, 4)
+    ratios = torch.tensor([[1.5, 1.0, 1.0, 1.0], [1.0, 1.5, 1.0, 1.0]])  # sequence 0: 1 token, clipped; 1: 4, one clipped
+    mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    ref = torch.log(ratios) + torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # d = 0.5 on sequence 0's token
+    _, kl, clipfrac = grpo.grpo_loss(torch.log(ratios), old, ref, torch.ones(2), mask, 0.2, 0.1)
+    assert clipfrac.item() == pytest.approx((1 / 1 + 1 / 4) / 2)  # not 2 clipped of 5 tokens
+    assert kl.item() == pytest.approx((math.exp(0.5) - 0.5 - 1) / 2, abs=1e-6)  # not that over 5 tokens
+
+
 def test_gradient_is_minus_advantage_over_length_and_count_and_zero_on_padding(grpo):
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     advantages = torch.tensor([1.5, -0.5])
