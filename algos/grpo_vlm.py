@@ -299,8 +299,8 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                     entropy = -masked_mean(logprobs.detach(), mask[rows], dim=1).mean()  # -log p of the sampled tokens
                     stats += torch.stack([loss.detach(), kl, clipfrac, entropy]).cpu() * len(logprobs) / N / args.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-                if N == 0:  # every group skipped: no gradient, and AdamW's weight decay would still move the weights
-                    stats[:] = float("nan")  # logged as null
+                if N == 0:  # every group skipped: nothing to update (on zero-filled gradients weight decay would still act)
+                    stats[:], grad_norm = float("nan"), float("nan")  # logged as null
                 elif math.isfinite(grad_norm) and stats.isfinite().all():
                     optimizer.step()
                 else:

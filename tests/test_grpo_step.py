@@ -15,7 +15,7 @@ import common.policy
 from common.vlm import stop_token_id
 
 BUDGET = ["--prompts-per-step", "2", "--group-size", "2", "--train-size", "8", "--eval-size", "4", "--max-new-tokens", "4"]
-LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy"]
+LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy", "losses/grad_norm"]
 
 
 def alternating(calls):  # 0, 1, 0, 1, ...: every group of 2 has one of each, so every group is kept

@@ -29,11 +29,10 @@ TRAIN_KEYS = [
     "charts/reward_std",
     "charts/response_length",
     "charts/zero_advantage_groups",
-    "losses/grad_norm",
     "charts/step_time",
     "eval/accuracy",
 ]
-LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy"]  # null when a step trains on nothing
+LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy", "losses/grad_norm"]  # null when a step trains on nothing
 
 
 def run_script(script, repo_root, tmp_path, *flags, **env):
