@@ -130,3 +130,12 @@ def sample_with_scores():
         return responses, recorded["scores"]
 
     return sample
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
+    yield
+    torch.set_num_threads(threads)

@@ -87,14 +87,6 @@ def run_grpo(grpo, model_dir, out, *flags, reward=alternating, reference_noise=0
     return run
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 # --skip-zero-advantage-groups (on by default): a step whose groups all have equal rewards trains on nothing
 @pytest.fixture(scope="module")
 def all_equal(grpo, tiny_model_dir, tmp_path_factory, one_thread):

@@ -51,14 +51,6 @@ def run_main(grpo, model_dir, out, *flags, kill_at_step=None, grad_norm=None):
         grpo.main(tyro.cli(grpo.Args, args=[*BUDGET, "--model", model_dir, "--output-dir", str(out), *flags]))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 POLICY = {  # flags: the file of the trained weights
     (): "model/model.safetensors",
     ("--lora",): "adapter/adapter_model.safetensors",

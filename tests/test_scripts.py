@@ -298,14 +298,6 @@ def run_in_process(script, model_dir, out, *flags):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], step_lrs
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("anneal, expected", [("--anneal-lr", [1e-3, 7.5e-4, 5e-4, 2.5e-4]), ("--no-anneal-lr", [1e-3] * 4)], ids=["annealed", "constant"])
 def test_the_learning_rate_of_every_step_is_logged(script, tiny_model_dir, tmp_path, one_thread, anneal, expected):
     # linear decay to 0 over 4 steps: step s trains with lr * (1 - (s - 1) / 4)
