@@ -6,7 +6,8 @@ left, the sampled responses' charts/reward_mean on the right, both against the s
 Needs matplotlib: `pip install -r requirements-bench.txt`.
 """
 
-import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -17,11 +18,14 @@ import tyro
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from common.runs import read_metrics  # noqa: E402
+
 
 @dataclass
 class Args:
     metrics: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="METRICS")]
-    """a run's metrics.jsonl"""
+    """a run's metrics.jsonl (runs/<run_name>/metrics.jsonl)"""
     out: str = "curve.png"
     """the PNG to write"""
 
@@ -39,7 +43,7 @@ def running_mean(values: list[float], window: int) -> list[float]:
 
 def main(args: Args):
     path = Path(args.metrics)
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_metrics(path.parent)
     eval_keys = [k for k in ("eval/accuracy", "eval/iou") if any(k in r for r in records)]
     if not eval_keys:
         raise SystemExit(f"{path} has no eval/accuracy: is it a metrics.jsonl of an algos/ script?")

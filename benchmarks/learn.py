@@ -9,7 +9,7 @@ learn.py's own flags come before the script; every argument after the script goe
 non-zero when the run fails. The wall time is the script's, from its start: a first-run model build included.
 """
 
-import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Annotated
 
 import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from common.runs import read_metrics  # noqa: E402
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Args:
 
 def eval_summary(metrics_path: Path) -> str:
     """'eval/accuracy 0.390 → 0.825, eval/iou ...': each eval/ key's first and last logged value."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_path.parent)
     values = {}  # key -> its values, in step order
     for record in records:
         for key, value in record.items():

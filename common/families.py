@@ -1,10 +1,10 @@
 """Random-init checkpoints of the four VLM families vlrl supports, built offline: tiny ones (about a second each)
 for the tests, and the Qwen-VL ones at any size (benchmarks/gpu_memory.py builds the published sizes).
 
-Each is the family's real config and model class (tiny by default (text: hidden 128, 4 heads of 32, 2 layers; vision:
-2 blocks of 64), the project's own tokenizer (`common.tiny_vlm.train_tokenizer`) carrying the family's special
-tokens (any vocab_size at least as large keeps its ids), and the family's processor with its chat template (the real one, shortened to the parts a one-image
-prompt uses). Saved with save_pretrained, so the tests drive it through `--model <dir>` exactly as a user drives
+Each is the family's real config and model class, at tiny size by default (text: hidden 128, 4 heads of 32, 2 layers;
+vision: 2 blocks of 64); the project's own tokenizer (`common.tiny_vlm.train_tokenizer`) carrying the family's
+special tokens (a larger vocab_size keeps their ids); and the family's processor with its chat template (the real
+one, shortened to the parts a one-image prompt uses). Saved with save_pretrained, so the tests drive it through `--model <dir>` exactly as a user drives
 a hub checkpoint.
 
     qwen2_vl    Qwen2-VL     M-RoPE; pixel_values (patches of all images, D) + image_grid_thw; 14-px patches, 2x2 merge

@@ -25,11 +25,11 @@ def load_policy(args, model_path: str, checkpoint: str | None, state: dict | Non
     adapter_dir = os.path.join(checkpoint, "adapter") if checkpoint and args.lora else None
     model = prepare_policy(model, args.freeze_vision_tower, args.gradient_checkpointing, lora, adapter_dir)
     reference = None
-    if args.beta > 0:
-        reference = model if args.lora else load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0]
-        if not args.lora:
-            reference.eval().requires_grad_(False)
-            fingerprint = weights_fingerprint(reference)
+    if args.beta > 0 and args.lora:
+        reference = model
+    elif args.beta > 0:
+        reference = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False)
+        fingerprint = weights_fingerprint(reference)
     if checkpoint and fingerprint != state["reference_fingerprint"]:
         raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
     return model, processor, reference, fingerprint
