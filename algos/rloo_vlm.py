@@ -186,6 +186,8 @@ def check_args(args: Args):
         raise SystemExit(f"--group-size {args.group_size}: RLOO's baseline is the mean of the other responses, use --group-size 2 or more")
     if args.clip_eps <= 0:
         raise SystemExit(f"--clip-eps {args.clip_eps}: use a clip range > 0")
+    if args.beta < 0:
+        raise SystemExit(f"--beta {args.beta}: the KL coefficient is >= 0 (0 = no reference model)")
     if args.updates_per_step < 1:
         raise SystemExit(f"--updates-per-step {args.updates_per_step}: use 1 or more")
 
@@ -234,6 +236,16 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     # TRY NOT TO MODIFY: the run directory (a new one, or the resumed one) and logging
     run_dir, records, log, finish = start_run(args, checkpoint, state, start_time)
 
+    # TRY NOT TO MODIFY: rollout (HF generate or vLLM) and reward (the task's rule on the decoded text), evaluation
+    def rollout(batch):  # G responses to each prompt, ordered p0 x G, p1 x G, ...: left-padded prompts, (B*G, T), (B*G,)
+        images = [e.image for e in batch]
+        prompts = build_prompts(processor, images, [e.question for e in batch], args.max_prompt_tokens).to(device)
+        response_ids = sample(model, rollout_engine, processor, prompts, images, args.group_size, args.max_new_tokens, args.temperature)
+        completions = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        answers = [e.answer for e in batch for _ in range(args.group_size)]
+        rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
+        return prompts, response_ids, rewards
+
     def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding)
         rewards = greedy_rewards(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
         return tasks.summarize(args.task, rewards, "eval")
@@ -251,7 +263,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
     last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
     start_step = state["step"] if checkpoint else 0
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc="rloo", dynamic_ncols=True, initial=start_step, total=args.total_steps)
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc=args.exp_name, dynamic_ncols=True, initial=start_step, total=args.total_steps)
     step = start_step
     stop.loop_started()
     try:
@@ -260,18 +272,11 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             lr = args.lr * (1 - (step - 1) / args.total_steps) if args.anneal_lr else args.lr  # linear decay to 0
             optimizer.param_groups[0]["lr"] = lr
 
-            # TRY NOT TO MODIFY: rollout, G samples per prompt (HF generate or vLLM), ordered p0 x G, p1 x G, ...
-            batch = random.sample(train_examples, args.prompts_per_step)
-            images, G = [e.image for e in batch], args.group_size
-            prompts = build_prompts(processor, images, [e.question for e in batch], args.max_prompt_tokens).to(device)
-            response_ids = sample(model, rollout_engine, processor, prompts, images, G, args.max_new_tokens, args.temperature)
+            # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts
+            batch, G = random.sample(train_examples, args.prompts_per_step), args.group_size
+            prompts, response_ids, rewards = rollout(batch)  # rewards: (B*G,)
             mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
-
-            # TRY NOT TO MODIFY: reward, the task's rule on the decoded text
-            completions = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-            answers = [e.answer for e in batch for _ in range(G)]
-            rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
 
             # ALGO LOGIC: advantage, reward minus the mean reward of the group's other responses, one per sequence
             advantages = rloo_advantages(rewards, G).to(device)  # (B*G,)

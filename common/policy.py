@@ -12,9 +12,9 @@ from common.vlm import generate, load_vlm, response_logprobs, select, vision_tow
 
 def load_policy(args, model_path: str, checkpoint: str | None, state: dict | None, device: str):
     """(model, processor, reference, reference_fingerprint): the actor (the policy we train), made trainable as the
-    memory flags say, and the reference (the frozen KL anchor, the initial policy): None with --beta 0, a frozen
-    copy of model_path, or with --lora the policy itself (scored with its adapters disabled: the base weights, no
-    second copy). A resumed run's actor comes from its checkpoint (`state` its state.pt): its full weights, or the
+    memory flags say, and the reference (the frozen KL anchor, the initial policy): None with --beta 0 or in a script
+    without a KL term (no args.beta), a frozen copy of model_path, or with --lora the policy itself (scored with its
+    adapters disabled: the base weights, no second copy). A resumed run's actor comes from its checkpoint (`state` its state.pt): its full weights, or the
     base and its adapters; its reference must be the one the run started with (the fingerprint says)."""
     dtype = getattr(torch, args.dtype)
     policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
@@ -24,10 +24,10 @@ def load_policy(args, model_path: str, checkpoint: str | None, state: dict | Non
                 target_modules=list(args.lora_target_modules)) if args.lora else None  # fmt: skip
     adapter_dir = os.path.join(checkpoint, "adapter") if checkpoint and args.lora else None
     model = prepare_policy(model, args.freeze_vision_tower, args.gradient_checkpointing, lora, adapter_dir)
-    reference = None
-    if args.beta > 0 and args.lora:
+    reference, beta = None, getattr(args, "beta", 0.0)
+    if beta > 0 and args.lora:
         reference = model
-    elif args.beta > 0:
+    elif beta > 0:
         reference = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False)
         fingerprint = weights_fingerprint(reference)
     if checkpoint and fingerprint != state["reference_fingerprint"]:

@@ -53,7 +53,6 @@ def check_flags(args):
         (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: allow 1 or more"),
         (args.max_prompt_tokens < 1, f"--max-prompt-tokens {args.max_prompt_tokens}: allow 1 or more"),
         (args.lr <= 0, f"--lr {args.lr}: use a learning rate > 0"),
-        (args.beta < 0, f"--beta {args.beta}: the KL coefficient is >= 0 (0 = no reference)"),
         (args.max_grad_norm <= 0, f"--max-grad-norm {args.max_grad_norm}: use a norm > 0"),
         (not 0 <= args.format_reward < 1, f"--format-reward {args.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
         (args.save_every < 0, f"--save-every {args.save_every}: use 0 (no checkpoints) or more"),

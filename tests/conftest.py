@@ -1,7 +1,9 @@
 """Shared fixtures: the repo root on sys.path (so `import common` works), a randomly initialised tiny Qwen2-VL
 saved to disk once per session, and the algorithm scripts algos/*_vlm.py as modules (algos/ is not a package):
-`script` is each of them in turn, so a new script is run by the smoke and CLI tests as soon as it exists; `grpo` is
-algos/grpo_vlm.py alone, for the tests of GRPO's own math and flags."""
+`script` is each of them in turn, so a new script is run by the smoke and CLI tests as soon as it exists;
+`end_to_end_script` is GRPO and every script that changes one of GRPO's `# TRY NOT TO MODIFY` blocks, for the slow
+tests of what those blocks do (every family, signals, resume, hub ids); `grpo` is algos/grpo_vlm.py alone, for the
+tests of GRPO's own math and flags."""
 
 import atexit
 import dataclasses
@@ -32,6 +34,29 @@ from common.tiny_vlm import build_random_tiny_vlm  # noqa: E402
 from common.vlm import build_prompts, generate, load_vlm  # noqa: E402
 
 SCRIPTS = sorted((REPO_ROOT / "algos").glob("*_vlm.py"))
+TEMPLATE = REPO_ROOT / "algos" / "grpo_vlm.py"
+
+
+def shared_blocks(path: Path) -> list[str]:
+    """The script's `# TRY NOT TO MODIFY` blocks (CleanRL's marker: what a new algorithm leaves as the template has
+    it), each as its text: the marker line and every line after it up to the next marker (`# TRY NOT TO MODIFY` or
+    `# ALGO LOGIC`) or the first line indented less than the marker (the end of the enclosing code block)."""
+    blocks, current, indent = [], None, 0
+    for line in path.read_text().splitlines():
+        stripped, depth = line.lstrip(), len(line) - len(line.lstrip())
+        if stripped.startswith(("# TRY NOT TO MODIFY", "# ALGO LOGIC")) or (current is not None and stripped and depth < indent):
+            if current is not None:
+                blocks.append("\n".join(current).rstrip())
+            current, indent = ([line], depth) if stripped.startswith("# TRY NOT TO MODIFY") else (None, 0)
+        elif current is not None:
+            current.append(line)
+    return blocks + (["\n".join(current).rstrip()] if current is not None else [])
+
+
+# GRPO's slow end-to-end tests (every model family through vLLM, signals, SIGKILL and resume, hub ids, the other
+# tasks) test what its TRY NOT TO MODIFY blocks do. A script with the same blocks, verbatim, runs the same code
+# there, so it runs only the quick tests (smoke, flags, --help); a script that changes a block runs them all.
+END_TO_END_SCRIPTS = [path for path in SCRIPTS if path == TEMPLATE or shared_blocks(path) != shared_blocks(TEMPLATE)]
 
 
 def load_script(path: Path) -> ModuleType:
@@ -86,6 +111,12 @@ def tiny_vlm(tiny_model_dir):
 @pytest.fixture(scope="session", params=SCRIPTS, ids=[path.stem for path in SCRIPTS])
 def script(request) -> Script:
     """Each algos/*_vlm.py in turn (test ids: [grpo_vlm], ...)."""
+    return Script(str(request.param.relative_to(REPO_ROOT)), load_script(request.param))
+
+
+@pytest.fixture(scope="session", params=END_TO_END_SCRIPTS, ids=[path.stem for path in END_TO_END_SCRIPTS])
+def end_to_end_script(request) -> Script:
+    """GRPO, and each script whose TRY NOT TO MODIFY blocks are not GRPO's (END_TO_END_SCRIPTS)."""
     return Script(str(request.param.relative_to(REPO_ROOT)), load_script(request.param))
 
 

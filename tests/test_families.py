@@ -1,6 +1,6 @@
 """Every supported VLM family through the same code path: a tiny random-init checkpoint of each (common/families.py)
-is trained for one step by each algorithm script (algos/*_vlm.py), as a user runs it, and scored the way the trainer
-scores: batched log-probs equal per-sample ones, training log-probs equal the sampling distribution of `generate`,
+is trained for one step by GRPO's script (and each script that changes its shared blocks), as a user runs it, and
+scored the way the trainer scores: batched log-probs equal per-sample ones, training log-probs equal the sampling distribution of `generate`,
 and the Qwen-VL M-RoPE offsets cached by `generate` do not leak into the next forward."""
 
 import json
@@ -34,6 +34,12 @@ END_OF_TURN = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl":
 IMAGE_SIZES = [(64, 64), (112, 84), (40, 96)]
 # different lengths → different amounts of left padding
 QUESTIONS = ["How many?", "How many shapes are in the image?", "How many shapes are in the picture, small or large, red or blue?"]
+
+
+@pytest.fixture(scope="session")
+def script(end_to_end_script):
+    """The scripts run here: GRPO and each script that changes one of its TRY NOT TO MODIFY blocks (conftest.py)."""
+    return end_to_end_script
 
 
 @pytest.fixture(scope="session")

@@ -167,10 +167,15 @@ def test_a_second_pass_over_the_rollout_clips_and_the_logged_clip_fraction_avera
 
 
 # GRPO's own flags, checked before anything loads (the flags every script shares: tests/test_scripts.py)
-GRPO_BAD_FLAGS = [(["--group-size", "1"], "--group-size"), (["--updates-per-step", "0"], "--updates-per-step"), (["--clip-eps", "0"], "--clip-eps")]
+GRPO_BAD_FLAGS = [
+    (["--group-size", "1"], "--group-size"),
+    (["--updates-per-step", "0"], "--updates-per-step"),
+    (["--clip-eps", "0"], "--clip-eps"),
+    (["--beta", "-1"], "--beta"),
+]
 
 
-@pytest.mark.parametrize("flags, message", GRPO_BAD_FLAGS, ids=["group-size=1", "updates-per-step=0", "clip-eps=0"])
+@pytest.mark.parametrize("flags, message", GRPO_BAD_FLAGS, ids=["group-size=1", "updates-per-step=0", "clip-eps=0", "beta=-1"])
 def test_a_bad_grpo_flag_ends_the_run_with_one_line_before_anything_loads(grpo, tmp_path, monkeypatch, flags, message):
     (tmp_path / "cache").write_text("")  # --model tiny's cache is a file: building the model would fail at once
     monkeypatch.setenv("VLRL_CACHE", str(tmp_path / "cache"))

@@ -15,6 +15,12 @@ from common.vlm import load_processor, load_vlm
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
+@pytest.fixture(scope="session")
+def script(end_to_end_script):
+    """The scripts run here: GRPO and each script that changes one of its TRY NOT TO MODIFY blocks (conftest.py)."""
+    return end_to_end_script
+
+
 @pytest.fixture(scope="module")
 def hf_home(tiny_model_dir, tmp_path_factory):
     """An HF_HOME whose hub cache holds the tiny checkpoint as `org/name`, laid out as huggingface_hub lays out a

@@ -1,7 +1,9 @@
 """Every algorithm script (algos/*_vlm.py, the `script` fixture) run as a user runs it: in a subprocess with a tiny
 budget (CleanRL style), and, where a process adds nothing, its `main` in-process, parsing the flags as the command
-line does. A new script is run by these tests as soon as it exists. Flags that only GRPO-like scripts have go through
-`script.optional`: --group-size 2 keeps a run tiny where the script samples groups."""
+line does. A new script is run by these tests as soon as it exists; the slow ones (signals, resume, other tasks) run
+GRPO and each script that changes one of GRPO's TRY NOT TO MODIFY blocks (`end_to_end_script`, conftest.py). Flags
+that only GRPO-like scripts have go through `script.optional`: --group-size 2 keeps a run tiny where the script
+samples groups."""
 
 import ast
 import dataclasses
@@ -21,6 +23,7 @@ import tyro
 from safetensors.torch import load_file
 
 from common.vlm import load_vlm
+from conftest import TEMPLATE, shared_blocks
 
 TRAIN_KEYS = [
     "step",
@@ -82,7 +85,8 @@ def test_smoke_run_logs_every_metric_for_every_step(smoke):
 
 
 @pytest.mark.parametrize("task, extra_keys", [("math", []), ("grounding", ["charts/iou", "eval/iou"])], ids=["math", "grounding"])
-def test_other_tasks_run_one_step_and_log_their_metrics(script, repo_root, tiny_model_dir, tmp_path, task, extra_keys):
+def test_other_tasks_run_one_step_and_log_their_metrics(end_to_end_script, repo_root, tiny_model_dir, tmp_path, task, extra_keys):
+    script = end_to_end_script  # slow: GRPO and the scripts that change its shared blocks (conftest.py)
     flags = ["--task", task, "--total-steps", "1", "--eval-size", "4", "--train-size", "8", "--prompts-per-step", "2"]
     flags += [*script.optional("--group-size", "2"), "--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir]
     result = run_script(script, repo_root, tmp_path, *flags)
@@ -184,8 +188,9 @@ def test_bad_flag_ends_the_run_with_one_line_before_anything_loads(script, tmp_p
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_bad_flag_ends_the_process_with_one_line_and_a_failure_status(script, repo_root, tmp_path):
+def test_a_bad_flag_ends_the_process_with_one_line_and_a_failure_status(end_to_end_script, repo_root, tmp_path):
     """As a user sees it: one line on stderr (no traceback), a non-zero exit status, in seconds."""
+    script = end_to_end_script  # slow: GRPO and the scripts that change its shared blocks (conftest.py)
     start = time.time()
     result = run_script(script, repo_root, tmp_path, "--eval-every", "0", "--output-dir", str(tmp_path / "runs"))
     assert result.returncode != 0
@@ -224,7 +229,8 @@ def ignore_sigint():  # what a shell does to a command it starts in the backgrou
 
 
 @pytest.mark.parametrize("signum, preexec", [(signal.SIGTERM, None), (signal.SIGINT, ignore_sigint)], ids=["sigterm", "sigint-in-background"])
-def test_a_signal_stops_the_run_after_its_step_and_saves_a_checkpoint_and_the_model(script, repo_root, tiny_model_dir, tmp_path, signum, preexec):
+def test_a_signal_stops_the_run_after_its_step_and_saves_a_checkpoint_and_the_model(end_to_end_script, repo_root, tiny_model_dir, tmp_path, signum, preexec):
+    script = end_to_end_script  # slow: GRPO and the scripts that change its shared blocks (conftest.py)
     flags = ["--total-steps", "1000", "--eval-every", "1000", "--eval-size", "4", "--train-size", "32", "--save-every", "0"]
     flags += tiny(script, *script.optional("--no-skip-zero-advantage-groups"))  # every step updates
     process = start_script(script, repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "runs"), "--model", tiny_model_dir, preexec_fn=preexec)
@@ -241,7 +247,8 @@ def test_a_signal_stops_the_run_after_its_step_and_saves_a_checkpoint_and_the_mo
     assert checkpoint.name == f"checkpoint-{last_step}"
 
 
-def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint_to_the_uninterrupted_runs_end(script, repo_root, tiny_model_dir, tmp_path):
+def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint_to_the_uninterrupted_runs_end(end_to_end_script, repo_root, tiny_model_dir, tmp_path):
+    script = end_to_end_script  # slow: GRPO and the scripts that change its shared blocks (conftest.py)
     flags = ["--total-steps", "40", "--save-every", "5", "--eval-every", "10", "--eval-size", "8", "--train-size", "64"]
     flags += tiny(script, *script.optional("--no-skip-zero-advantage-groups"), "--model", tiny_model_dir)
     straight = run_script(script, repo_root, tmp_path, *flags, "--output-dir", str(tmp_path / "straight"))
@@ -264,8 +271,9 @@ def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint_to_the_uninterrup
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_runs_started_in_the_same_second_get_their_own_directories(script, repo_root, tiny_model_dir, tmp_path):
+def test_runs_started_in_the_same_second_get_their_own_directories(end_to_end_script, repo_root, tiny_model_dir, tmp_path):
     """Every name this run could get from its start time is taken: it must make a new directory, not reuse one."""
+    script = end_to_end_script  # slow: GRPO and the scripts that change its shared blocks (conftest.py)
     now, out = int(time.time()), tmp_path / "runs"
     taken = [out / f"counting__{script.name}__1__{t}" for t in range(now, now + 120)]
     for path in taken:
@@ -305,3 +313,17 @@ def test_the_learning_rate_of_every_step_is_logged(script, tiny_model_dir, tmp_p
     logged = [r["charts/learning_rate"] for r in records[1:]]
     assert logged == pytest.approx(expected, rel=1e-12)
     assert step_lrs == logged  # the rate each optimizer step used
+
+
+def test_the_shared_blocks_are_found_and_a_changed_line_in_one_is_seen(tmp_path):
+    """conftest.shared_blocks decides which scripts skip the slow tests: it must see every TRY NOT TO MODIFY block of
+    the template, whole, and a one-line change in one of them, but not a change in an ALGO LOGIC block."""
+    blocks, source = shared_blocks(TEMPLATE), TEMPLATE.read_text()
+    assert len(blocks) == source.count("# TRY NOT TO MODIFY") and all("# TRY NOT TO MODIFY" in b.splitlines()[0] for b in blocks)
+    assert any("def rollout(batch)" in b and "checkpoint_now" in b for b in blocks)  # a block runs to the next marker
+    assert any("checkpoint_now(step)" in b and "break" in b for b in blocks)  # ... or to the end of its code block
+    copy = tmp_path / "copy_vlm.py"
+    copy.write_text(source.replace("torch.manual_seed(args.seed)", "torch.manual_seed(0)"))
+    assert shared_blocks(copy) != blocks
+    copy.write_text(source.replace("group_advantages(rewards, G).to(device)", "2 * group_advantages(rewards, G).to(device)"))
+    assert shared_blocks(copy) == blocks
