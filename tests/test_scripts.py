@@ -64,24 +64,26 @@ def smoke(script, repo_root, tiny_model_dir, tmp_path_factory):
     return result, run_dir, tmp
 
 
-def check_metrics(run_dir, steps):
+def check_metrics(run_dir, steps, script):
     """metrics.jsonl holds a step-0 eval record, then one record per step with every key, finite. The losses are
     null instead only when every group was left out of the update (the random model's rewards are all 0, so its
-    groups' rewards are all equal): finite otherwise."""
+    groups' rewards are all equal): finite otherwise. losses/kl is null in a script without a KL term (no --beta)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(steps + 1))
     assert math.isfinite(records[0]["eval/accuracy"])
     for record in records[1:]:
         for key in TRAIN_KEYS:
             assert key in record and math.isfinite(record[key]), (key, record)
-        losses = [record[key] for key in LOSSES]
-        if record["charts/zero_advantage_groups"] == 1 and losses == [None] * len(LOSSES):
+        losses = {key: record[key] for key in LOSSES}
+        if not script.optional("--beta"):
+            assert losses.pop("losses/kl") is None, record
+        if record["charts/zero_advantage_groups"] == 1 and set(losses.values()) == {None}:
             continue  # every group skipped: nothing was trained on
-        assert all(value is not None and math.isfinite(value) for value in losses), record
+        assert all(value is not None and math.isfinite(value) for value in losses.values()), record
 
 
-def test_smoke_run_logs_every_metric_for_every_step(smoke):
-    check_metrics(smoke[1], steps=2)
+def test_smoke_run_logs_every_metric_for_every_step(smoke, script):
+    check_metrics(smoke[1], steps=2, script=script)
 
 
 @pytest.mark.parametrize("task, extra_keys", [("math", []), ("grounding", ["charts/iou", "eval/iou"])], ids=["math", "grounding"])
@@ -92,7 +94,7 @@ def test_other_tasks_run_one_step_and_log_their_metrics(end_to_end_script, repo_
     result = run_script(script, repo_root, tmp_path, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
-    check_metrics(run_dir, steps=1)
+    check_metrics(run_dir, steps=1, script=script)
     first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for key in extra_keys:
         assert 0.0 <= (first | last)[key] <= 1.0, key
