@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
@@ -140,6 +141,26 @@ class Args:
     skip_zero_advantage_groups: bool = True
     """leave groups whose rewards are all equal out of the update (their advantage is 0; only their KL term
     would remain): saves their forward and backward passes, as DAPO's dynamic sampling does (arXiv 2503.14476)"""
+    # GRPO's published variants (docs/grpo_vlm.md#variants); the defaults are DeepSeekMath's GRPO
+    scale_rewards: Literal["group", "none"] = "group"
+    """divide each group's centred rewards by the group's std (group: DeepSeekMath) or not (none: Dr. GRPO, arXiv
+    2503.20783, which finds the division weights too-easy and too-hard prompts up)"""
+    loss_aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """token losses to one loss: seq-mean-token-mean (mean over each response's tokens, then over responses:
+    DeepSeekMath), token-mean (mean over every token of the step: DAPO, arXiv 2503.14476), seq-mean-token-sum-norm
+    (each response's token sum divided by --max-new-tokens, then mean over responses: Dr. GRPO, arXiv 2503.20783)"""
+    clip_eps_high: float | None = None
+    """upper clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher: 0.28 with
+    --clip-eps 0.2); default: --clip-eps"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """per-token estimator of KL(policy || reference), with d = ref_logp - logp: k1 = -d, k2 = d^2 / 2, k3 = e^d - d - 1
+    (Schulman, "Approximating KL divergence", 2020)"""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (arXiv 2503.14476): replace groups whose rewards are all equal with groups of new
+    prompts, rolled out again, until every group is informative or --max-resample-rounds rollouts were added"""
+    max_resample_rounds: int = 4
+    """with --dynamic-sampling: at most this many extra rollouts per step (each samples as many new prompts as groups
+    are still uninformative); groups still uninformative after them are left out of the update"""
 
 
 # ALGO LOGIC: the heart of GRPO, pure functions (tests/test_grpo_math.py pins them)
@@ -148,31 +169,46 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)  # dim None: over all positions
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
     """GRPO's outcome advantage (DeepSeekMath eq. 3, arXiv 2402.03300): per group of G responses to one prompt,
-    A_i = (r_i - mean_j r_j) / (std_j r_j + eps). rewards: (B*G,) ordered group by group. Returns (B*G,).
-    A group whose rewards are all equal gets A = 0: it teaches nothing."""
+    A_i = (r_i - mean_j r_j) / (std_j r_j + eps); scale "none" (Dr. GRPO, arXiv 2503.20783): A_i = r_i - mean_j r_j.
+    rewards: (B*G,) ordered group by group. Returns (B*G,). A group whose rewards are all equal gets A = 0."""
     grouped = rewards.view(-1, group_size)  # (B, G)
-    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).view(-1)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    return (centred / (grouped.std(dim=1, keepdim=True) + eps) if scale == "group" else centred).view(-1)
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: float, beta: float):
-    """GRPO's clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3-4), negated for minimisation:
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) bool: the groups whose rewards are not all equal (the others have A = 0 and teach nothing)."""
+    return rewards.view(-1, group_size).std(dim=1) > 0
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: float, beta: float, *,
+              clip_eps_high: float | None = None, kl_estimator: str = "k3", aggregation: str = "seq-mean-token-mean",
+              max_tokens: int | None = None):  # fmt: skip
+    """GRPO's clipped surrogate with a KL penalty (DeepSeekMath eq. 3-4), negated for minimisation:
         rho   = exp(logp - old_logp)                               per token
-        surr  = min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)
-        kl    = exp(ref_logp - logp) - (ref_logp - logp) - 1      (k3: >= 0, unbiased)
-        loss  = -mean_i [ (1/|y_i|) sum_t (surr - beta * kl) ]
+        surr  = min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A)       (eps_high = eps unless DAPO's clip-higher)
+        kl    = k3: e^d - d - 1 (>= 0, unbiased; default), k2: d^2 / 2, k1: -d,   d = ref_logp - logp
+        loss  = -mean_i [ (1/|y_i|) sum_t (surr - beta * kl) ]     aggregation seq-mean-token-mean (DeepSeekMath)
+              = -(1/sum_i |y_i|) sum_i sum_t (surr - beta * kl)   token-mean (DAPO, arXiv 2503.14476)
+              = -mean_i [ (1/max_tokens) sum_t (surr - beta * kl) ]  seq-mean-token-sum-norm (Dr. GRPO, 2503.20783)
     logprobs, old_logprobs, ref_logprobs, mask: (N, T); advantages: (N,), one per sequence.
-    Returns (loss, kl, clip fraction); the last two, logged, are averaged as the loss: per response, then over them."""
+    Returns (loss, kl, clip fraction); the last two, logged, are averaged per response, then over responses."""
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.unsqueeze(1)  # (N, 1): the sequence's advantage on each of its tokens
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    log_ref_ratio = ref_logprobs - logprobs
-    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv)
+    d = ref_logprobs - logprobs
+    kl = {"k1": -d, "k2": d**2 / 2, "k3": torch.exp(d) - d - 1}[kl_estimator]
     per_token = surrogate - beta * kl
-    loss = -masked_mean(per_token, mask, dim=1).mean()
-    clipped = ((ratio - 1).abs() > clip_eps).float()
+    if aggregation == "seq-mean-token-mean":
+        loss = -masked_mean(per_token, mask, dim=1).mean()
+    elif aggregation == "token-mean":
+        loss = -masked_mean(per_token, mask)
+    else:  # seq-mean-token-sum-norm
+        loss = -((per_token * mask).sum(dim=1) / max_tokens).mean()
+    clipped = ((ratio < 1 - clip_eps) | (ratio > 1 + high)).float()
     return loss, masked_mean(kl, mask, dim=1).mean().detach(), masked_mean(clipped, mask, dim=1).mean().detach()
 
 
@@ -185,6 +221,10 @@ def check_args(args: Args):
         raise SystemExit(f"--clip-eps {args.clip_eps}: use a clip range > 0")
     if args.beta < 0:
         raise SystemExit(f"--beta {args.beta}: the KL coefficient is >= 0 (0 = no reference model)")
+    if args.clip_eps_high is not None and args.clip_eps_high <= 0:
+        raise SystemExit(f"--clip-eps-high {args.clip_eps_high}: use an upper clip range > 0 (DAPO: 0.28)")
+    if args.max_resample_rounds < 0:
+        raise SystemExit(f"--max-resample-rounds {args.max_resample_rounds}: use 0 or more")
     if args.updates_per_step < 1:
         raise SystemExit(f"--updates-per-step {args.updates_per_step}: use 1 or more")
 
@@ -275,12 +315,34 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
 
-            # ALGO LOGIC: advantage, group-normalised reward, one per sequence
-            advantages = group_advantages(rewards, G).to(device)  # (B*G,)
+            # ALGO LOGIC: DAPO's dynamic sampling (arXiv 2503.14476, Algorithm 1): each group whose rewards are all equal
+            # gives its place to the group of a new prompt, if that one is informative. The charts describe the first
+            # rollout (the policy on random prompts); the update uses the refilled batch and its rewards.
             response_lengths = mask.sum(1)  # for logging, before any filtering
-            zero_advantage_groups = (rewards.view(-1, G).std(1) == 0).float().mean().item()
+            zero_advantage_groups = (~informative_groups(rewards, G)).float().mean().item()
+            train_batch, train_rewards, resampled_prompts = list(batch), rewards.clone(), 0
+            for _ in range(args.max_resample_rounds if args.dynamic_sampling else 0):
+                empty = (~informative_groups(train_rewards, G)).nonzero().squeeze(1).tolist()
+                if not empty:
+                    break
+                new_batch = random.sample(train_examples, len(empty))
+                _, new_ids, new_rewards = rollout(new_batch)
+                resampled_prompts += len(empty)
+                width = max(response_ids.shape[1], new_ids.shape[1])  # both EOS-padded to one length
+                response_ids, new_ids = (F.pad(ids, (0, width - ids.shape[1]), value=stop_token_id(processor)) for ids in (response_ids, new_ids))
+                for k in informative_groups(new_rewards, G).nonzero().squeeze(1).tolist():
+                    old_rows, new_rows = slice(empty[k] * G, empty[k] * G + G), slice(k * G, k * G + G)
+                    train_batch[empty[k]], train_rewards[old_rows], response_ids[old_rows] = new_batch[k], new_rewards[new_rows], new_ids[new_rows]
+            if resampled_prompts:  # the refilled batch's prompts and masks
+                prompts = build_prompts(processor, [e.image for e in train_batch], [e.question for e in train_batch], args.max_prompt_tokens)
+                inputs = select(prompts.to(device), [i for i in range(len(train_batch)) for _ in range(G)])
+                mask = response_mask(response_ids, stop_token_id(processor))
+            extra_metrics = {"charts/resampled_prompts": resampled_prompts}
+
+            # ALGO LOGIC: advantage, group-normalised reward, one per sequence
+            advantages = group_advantages(train_rewards, G, scale=args.scale_rewards).to(device)  # (B*G,)
             if args.skip_zero_advantage_groups:  # all-equal groups have A = 0 everywhere: skip their compute
-                keep = (rewards.view(-1, G).std(1) > 0).repeat_interleave(G).nonzero().squeeze(1).tolist()
+                keep = informative_groups(train_rewards, G).repeat_interleave(G).nonzero().squeeze(1).tolist()
                 inputs, response_ids, mask, advantages = select(inputs, keep), response_ids[keep], mask[keep], advantages[keep]
 
             # ALGO LOGIC: log-probs under the sampling policy and the reference, recomputed by the trainer (not taken
@@ -292,17 +354,20 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             ref_logprobs = reference_logprobs(reference, *scoring, mb) if reference is not None else None
 
             # ALGO LOGIC: update, micro-batches with gradient accumulation, then one clipped optimizer step per pass
-            stats = torch.zeros(4)  # loss, kl, clipfrac, entropy: each micro-batch weighted by its share of N, all passes
+            variant = dict(clip_eps_high=args.clip_eps_high, kl_estimator=args.kl_estimator, aggregation=args.loss_aggregation, max_tokens=args.max_new_tokens)
+            stats = torch.zeros(4)  # loss, kl, clipfrac, entropy: each micro-batch weighted by its share of the step, all passes
             for _ in range(args.updates_per_step):
                 optimizer.zero_grad(set_to_none=True)
                 for rows in micro_batches(N, mb):
                     logprobs = micro_batch_logprobs(model, rows, *scoring)  # (n, T), with gradients
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
                     ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[rows]  # beta = 0: KL term is 0
-                    loss, kl, clipfrac = grpo_loss(logprobs, old, ref, advantages[rows], mask[rows], args.clip_eps, args.beta)
-                    (loss * len(logprobs) / N).backward()  # the step's loss is the mean over all N sequences
+                    loss, kl, clipfrac = grpo_loss(logprobs, old, ref, advantages[rows], mask[rows], args.clip_eps, args.beta, **variant)
+                    share = len(logprobs) / N  # the micro-batch's part of the step's loss: of its sequences, or its tokens
+                    loss_share = (mask[rows].sum() / mask.sum()).item() if args.loss_aggregation == "token-mean" else share
+                    (loss * loss_share).backward()
                     entropy = -masked_mean(logprobs.detach(), mask[rows], dim=1).mean()  # -log p of the sampled tokens
-                    stats += torch.stack([loss.detach(), kl, clipfrac, entropy]).cpu() * len(logprobs) / N / args.updates_per_step
+                    stats += torch.stack([loss.detach() * loss_share, kl * share, clipfrac * share, entropy * share]).cpu() / args.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                 if N == 0:  # every group skipped: nothing to update (on zero-filled gradients weight decay would still act)
                     stats[:], grad_norm = float("nan"), float("nan")  # logged as null
@@ -330,6 +395,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 "losses/clipfrac": clipfrac,
                 "losses/entropy": entropy,
                 "losses/grad_norm": grad_norm,
+                **extra_metrics,  # the algorithm's own (ALGO LOGIC above)
             }
             if step % args.eval_every == 0 or step == args.total_steps:
                 last_eval = evaluate()

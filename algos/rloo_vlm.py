@@ -282,6 +282,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             advantages = rloo_advantages(rewards, G).to(device)  # (B*G,)
             response_lengths = mask.sum(1)  # for logging, before any filtering
             zero_advantage_groups = (rewards.view(-1, G).std(1) == 0).float().mean().item()
+            extra_metrics = {}  # RLOO logs nothing beyond the shared metrics
             if args.skip_zero_advantage_groups:  # all-equal groups have A = 0 everywhere: skip their compute
                 keep = (rewards.view(-1, G).std(1) > 0).repeat_interleave(G).nonzero().squeeze(1).tolist()
                 inputs, response_ids, mask, advantages = select(inputs, keep), response_ids[keep], mask[keep], advantages[keep]
@@ -333,6 +334,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 "losses/clipfrac": clipfrac,
                 "losses/entropy": entropy,
                 "losses/grad_norm": grad_norm,
+                **extra_metrics,  # the algorithm's own (ALGO LOGIC above)
             }
             if step % args.eval_every == 0 or step == args.total_steps:
                 last_eval = evaluate()

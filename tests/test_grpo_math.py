@@ -131,3 +131,70 @@ def test_gradient_is_minus_advantage_over_length_and_count_and_zero_on_padding(g
     # N = 2 sequences: -A_i / (|y_i| * N) = -1.5 / (2 * 2) and 0.5 / (4 * 2)
     expected = torch.tensor([[-0.375, -0.375, 0.0, 0.0], [0.0625, 0.0625, 0.0625, 0.0625]])
     assert torch.allclose(logprobs.grad, expected, atol=1e-7)
+
+
+# GRPO's published variants (keyword parameters; the defaults above are DeepSeekMath's GRPO)
+def test_dr_grpo_scale_none_centres_each_group_without_dividing_by_its_std(grpo):
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3, 0.3, 1.0, 0.5])
+    # group means 0.25, 0.3; the pair (1.0, 0.5): mean 0.75
+    expected = [0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0]
+    assert torch.allclose(grpo.group_advantages(rewards[:8], 4, scale="none"), torch.tensor(expected), atol=1e-6)
+    assert torch.allclose(grpo.group_advantages(rewards[8:], 2, scale="none"), torch.tensor([0.25, -0.25]), atol=1e-6)
+    assert not torch.allclose(grpo.group_advantages(rewards[:8], 4), torch.tensor(expected), atol=1e-3)  # "group" divides
+
+
+def test_random_rewards_against_both_advantage_formulas_written_out(grpo):
+    generator = torch.Generator().manual_seed(1)
+    for group_size in (2, 3, 8):
+        rewards = torch.rand(5 * group_size, generator=generator, dtype=torch.float64)
+        expected_group, expected_none = [], []
+        for start in range(0, len(rewards), group_size):
+            group = rewards[start : start + group_size].tolist()
+            mean = sum(group) / group_size
+            std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))  # unbiased, as DeepSeekMath's code
+            expected_group += [(r - mean) / (std + 1e-4) for r in group]
+            expected_none += [r - mean for r in group]
+        assert torch.allclose(grpo.group_advantages(rewards, group_size), torch.tensor(expected_group, dtype=torch.float64), atol=1e-9)
+        assert torch.allclose(grpo.group_advantages(rewards, group_size, scale="none"), torch.tensor(expected_none, dtype=torch.float64), atol=1e-12)
+
+
+def test_clip_higher_lets_a_positive_advantage_ratio_rise_to_one_plus_eps_high(grpo):
+    # DAPO: clip(rho, 1 - 0.2, 1 + 0.28). One token per sequence, A = +1 except the last (A = -1)
+    ratios = torch.tensor([1.25, 1.4, 0.7, 0.7])
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    # rho 1.25 (inside [0.8, 1.28]) → 1.25; 1.4 → 1.28 (clipped); 0.7, A=+1 → min(0.7, 0.8) = 0.7; 0.7, A=-1 → -0.8
+    old = torch.zeros(4, 1)
+    logprobs = torch.log(ratios).unsqueeze(1)
+    loss, _, clipfrac = grpo.grpo_loss(logprobs, old, logprobs, advantages, torch.ones(4, 1), 0.2, 0.0, clip_eps_high=0.28)
+    assert loss.item() == pytest.approx(-(1.25 + 1.28 + 0.7 - 0.8) / 4, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(3 / 4)  # 1.4 above 1.28; both 0.7 below 0.8; 1.25 inside
+    symmetric, _, symmetric_clipfrac = grpo.grpo_loss(logprobs, old, logprobs, advantages, torch.ones(4, 1), 0.2, 0.0)
+    assert symmetric.item() == pytest.approx(-(1.2 + 1.2 + 0.7 - 0.8) / 4, abs=1e-6) and symmetric_clipfrac.item() == 1.0
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_each_kl_estimator_is_its_formula_in_d_equal_ref_minus_logp(grpo, estimator):
+    # Schulman (2020): with r = ref / pi and d = log r, k1 = -d, k2 = d^2 / 2, k3 = r - 1 - d
+    formula = {"k1": lambda d: -d, "k2": lambda d: d * d / 2, "k3": lambda d: math.exp(d) - 1 - d}[estimator]
+    logprobs = torch.tensor([[-2.0, -1.0], [-0.3, -0.3]])
+    ref = torch.tensor([[-1.5, -1.7], [-0.9, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # the second sequence's last token is padding
+    per_sequence = [(formula(0.5) + formula(-0.7)) / 2, formula(-0.6)]
+    loss, kl, _ = grpo.grpo_loss(logprobs, logprobs, ref, torch.zeros(2), mask, 0.2, 0.1, kl_estimator=estimator)
+    assert kl.item() == pytest.approx(sum(per_sequence) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.1 * sum(per_sequence) / 2, abs=1e-6)  # A = 0: the loss is beta * KL
+
+
+def test_the_three_loss_aggregations_on_responses_of_different_lengths(grpo):
+    # at ratio 1 and beta 0 every token's term is its sequence's advantage: sequence 0 has 1 token (A = 1), 1 has 3 (A = 2)
+    logprobs = torch.zeros(2, 4)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    advantages = torch.tensor([1.0, 2.0])
+
+    def loss(**variant):
+        return grpo.grpo_loss(logprobs, logprobs, logprobs, advantages, mask, 0.2, 0.0, **variant)[0].item()
+
+    assert loss() == pytest.approx(-(1.0 + 2.0) / 2)  # seq-mean-token-mean: each response's mean, then the mean
+    assert loss(aggregation="seq-mean-token-mean") == loss()
+    assert loss(aggregation="token-mean") == pytest.approx(-(1.0 + 3 * 2.0) / 4)  # DAPO: 4 tokens, each counts once
+    assert loss(aggregation="seq-mean-token-sum-norm", max_tokens=8) == pytest.approx(-(1.0 / 8 + 6.0 / 8) / 2)  # Dr. GRPO

@@ -30,6 +30,7 @@ class Run:
         self.records = []  # metrics.jsonl, parsed strictly (NaN or Infinity would raise)
         self.optimizer_steps = 0  # calls of AdamW.step
         self.clipfracs = []  # the clip fraction grpo_loss returned, call by call (one call per micro-batch and pass)
+        self.loss_calls = []  # (advantages, keyword arguments) grpo_loss was given, call by call
         self.models_loaded = 0  # load_vlm calls: the policy, then the reference unless --beta 0
 
 
@@ -67,6 +68,7 @@ def run_grpo(grpo, model_dir, out, *flags, reward=alternating, reference_noise=0
     def recording_grpo_loss(*args, **kwargs):
         loss, kl, clipfrac = grpo_loss(*args, **kwargs)
         run.clipfracs.append(clipfrac.item())
+        run.loss_calls.append((args[3].tolist(), kwargs))
         return loss, kl, clipfrac
 
     def counting_step(optimizer, *args, **kwargs):
@@ -172,13 +174,76 @@ GRPO_BAD_FLAGS = [
     (["--updates-per-step", "0"], "--updates-per-step"),
     (["--clip-eps", "0"], "--clip-eps"),
     (["--beta", "-1"], "--beta"),
+    (["--clip-eps-high", "0"], "--clip-eps-high"),
+    (["--max-resample-rounds", "-1"], "--max-resample-rounds"),
 ]
 
 
-@pytest.mark.parametrize("flags, message", GRPO_BAD_FLAGS, ids=["group-size=1", "updates-per-step=0", "clip-eps=0", "beta=-1"])
+@pytest.mark.parametrize("flags, message", GRPO_BAD_FLAGS, ids=["group-size=1", "updates-per-step=0", "clip-eps=0", "beta=-1", "clip-eps-high=0", "max-resample-rounds=-1"])
 def test_a_bad_grpo_flag_ends_the_run_with_one_line_before_anything_loads(grpo, tmp_path, monkeypatch, flags, message):
     (tmp_path / "cache").write_text("")  # --model tiny's cache is a file: building the model would fail at once
     monkeypatch.setenv("VLRL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit, match=f"^{message} ") as exited:
         grpo.main(tyro.cli(grpo.Args, args=[*BUDGET, *flags, "--output-dir", str(tmp_path / "runs")]))
     assert "\n" not in str(exited.value) and not (tmp_path / "runs").exists()
+
+
+# GRPO's published variants reach the loss and the advantage (their math: tests/test_grpo_math.py)
+def test_the_variant_flags_reach_the_advantage_and_the_loss(grpo, tiny_model_dir, tmp_path, one_thread):
+    flags = ["--total-steps", "1", "--scale-rewards", "none", "--loss-aggregation", "seq-mean-token-sum-norm"]
+    flags += ["--clip-eps-high", "0.28", "--kl-estimator", "k2", "--micro-batch-size", "4"]
+    run = run_grpo(grpo, tiny_model_dir, tmp_path, *flags)
+    ((advantages, variant),) = run.loss_calls
+    assert advantages == [-0.5, 0.5, -0.5, 0.5]  # rewards 0, 1 in each group: r - mean, not divided by the std
+    assert variant == {"clip_eps_high": 0.28, "kl_estimator": "k2", "aggregation": "seq-mean-token-sum-norm", "max_tokens": 4}
+    default = run_grpo(grpo, tiny_model_dir, tmp_path / "default", "--total-steps", "1", "--micro-batch-size", "4")
+    ((advantages, variant),) = default.loss_calls
+    assert advantages == pytest.approx([-0.7070, 0.7070, -0.7070, 0.7070], abs=1e-4)  # (r - mean) / (std + 1e-4)
+    assert variant == {"clip_eps_high": None, "kl_estimator": "k3", "aggregation": "seq-mean-token-mean", "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def token_mean_runs(grpo, tiny_model_dir, tmp_path_factory, one_thread):
+    """The same step with --loss-aggregation token-mean and responses of different lengths, in micro-batches of 1, 3
+    and all 8 sequences."""
+    runs = {}
+    for size in (1, 3, 8):
+        flags = ["--total-steps", "1", "--prompts-per-step", "4", "--micro-batch-size", str(size), "--loss-aggregation", "token-mean"]
+        runs[size] = run_grpo(grpo, tiny_model_dir, tmp_path_factory.mktemp(f"token-mean-{size}"), *flags, reference_noise=0.02, uneven_lengths=True)
+    return runs
+
+
+def test_token_mean_weights_each_micro_batch_by_its_share_of_the_steps_tokens(token_mean_runs, tiny_model_dir):
+    # a micro-batch's loss is a mean over its own tokens: weighted by its share of sequences (the default's weight)
+    # instead, the step's loss and gradient would change with --micro-batch-size
+    whole = token_mean_runs[8]
+    trained = load_file(whole.run_dir / "model" / "model.safetensors")
+    for size in (1, 3):
+        assert token_mean_runs[size].records[1]["losses/loss"] == pytest.approx(whole.records[1]["losses/loss"], rel=1e-5, abs=1e-9)
+        other = load_file(token_mean_runs[size].run_dir / "model" / "model.safetensors")
+        assert all(torch.allclose(other[k], trained[k], atol=1e-6) for k in trained), size
+
+
+# --dynamic-sampling (DAPO): groups whose rewards are all equal give their place to informative groups of new prompts
+STEP_REWARDS = {4: 0.5, 5: 0.5, 6: 0.0, 7: 1.0}  # calls 0-3 score the step-0 eval (--eval-size 4); then the rollout
+
+
+def test_dynamic_sampling_refills_an_uninformative_group_with_a_new_prompts_group(grpo, tiny_model_dir, tmp_path, one_thread):
+    refill = {8: 0.0, 9: 1.0}  # the one new prompt's group (calls 8, 9) is informative
+    flags = ["--total-steps", "1", "--dynamic-sampling", "--micro-batch-size", "8"]
+    run = run_grpo(grpo, tiny_model_dir, tmp_path, *flags, reward=lambda i: {**STEP_REWARDS, **refill}.get(i, 0.0))
+    ((advantages, _),) = run.loss_calls
+    assert len(advantages) == 4  # both groups trained on: the refilled one is not skipped
+    record = run.records[1]
+    assert record["charts/resampled_prompts"] == 1
+    assert record["charts/zero_advantage_groups"] == 0.5 and record["charts/reward_mean"] == 0.5  # the first rollout's
+    without = run_grpo(grpo, tiny_model_dir, tmp_path / "without", "--total-steps", "1", reward=lambda i: STEP_REWARDS.get(i, 0.0))
+    assert len(without.loss_calls[0][0]) == 2 and without.records[1]["charts/resampled_prompts"] == 0
+
+
+def test_dynamic_sampling_stops_after_max_resample_rounds(grpo, tiny_model_dir, tmp_path, one_thread):
+    flags = ["--total-steps", "1", "--dynamic-sampling", "--max-resample-rounds", "3", "--micro-batch-size", "8"]
+    run = run_grpo(grpo, tiny_model_dir, tmp_path, *flags, reward=lambda i: STEP_REWARDS.get(i, 0.5))  # new groups all 0.5
+    assert run.records[1]["charts/resampled_prompts"] == 3  # one prompt per round, three rounds
+    ((advantages, _),) = run.loss_calls
+    assert len(advantages) == 2  # the group still uninformative is left out
