@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common.runs import read_metrics  # noqa: E402
+from learn import series  # noqa: E402  (benchmarks/learn.py, next to this file)
 
 
 @dataclass
@@ -28,12 +29,6 @@ class Args:
     """a run's metrics.jsonl (runs/<run_name>/metrics.jsonl)"""
     out: str = "curve.png"
     """the PNG to write"""
-
-
-def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of the records that logged `key` (null: a skipped step, left out)."""
-    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-    return [s for s, _ in points], [v for _, v in points]
 
 
 def running_mean(values: list[float], window: int) -> list[float]:

@@ -33,31 +33,41 @@ class Args:
     """passed to the script as --output-dir; the run read is the newest <output_dir>/*/metrics.jsonl it wrote"""
 
 
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that logged `key` (null: a skipped step, left out)."""
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [s for s, _ in points], [v for _, v in points]
+
+
 def eval_summary(metrics_path: Path) -> str:
     """'eval/accuracy 0.390 → 0.825, eval/iou ...': each eval/ key's first and last logged value."""
     records = read_metrics(metrics_path.parent)
-    values = {}  # key -> its values, in step order
-    for record in records:
-        for key, value in record.items():
-            if key.startswith("eval/") and value is not None:
-                values.setdefault(key, []).append(value)
-    return ", ".join(f"{key} {v[0]:.3f} → {v[-1]:.3f}" for key, v in values.items())
+    keys = dict.fromkeys(k for r in records for k in r if k.startswith("eval/"))  # in the order first logged
+    values = {key: series(records, key)[1] for key in keys}
+    return ", ".join(f"{key} {v[0]:.3f} → {v[-1]:.3f}" for key, v in values.items() if v)
+
+
+def run_script(script: str, output_dir: str, script_args: list[str], **output) -> tuple[int, float, Path | None]:
+    """Run `script` as a user runs it, `python SCRIPT --output-dir OUTPUT_DIR ARGS...` (`output`: subprocess.run's
+    stdout and stderr; the terminal by default): (its exit status, its wall seconds from start to exit, the newest
+    metrics.jsonl it wrote under output_dir, or None)."""
+    start = time.time()
+    result = subprocess.run([sys.executable, script, "--output-dir", output_dir, *script_args], **output)
+    wall = time.time() - start
+    written = [p for p in Path(output_dir).glob("*/metrics.jsonl") if p.stat().st_mtime >= start]
+    return result.returncode, wall, max(written, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def main(args: Args, script_args: list[str]) -> int:
     if "--output-dir" in script_args:
         raise SystemExit("give --output-dir before the script (learn.py passes it on and reads the run from there)")
-    start = time.time()
-    result = subprocess.run([sys.executable, args.script, "--output-dir", args.output_dir, *script_args])
-    wall = time.time() - start
-    if result.returncode != 0:
-        print(f"{args.script} failed (exit {result.returncode}) after {wall:.0f} s", file=sys.stderr)
-        return result.returncode
-    written = [p for p in Path(args.output_dir).glob("*/metrics.jsonl") if p.stat().st_mtime >= start]
-    if not written:
+    returncode, wall, metrics_path = run_script(args.script, args.output_dir, script_args)
+    if returncode != 0:
+        print(f"{args.script} failed (exit {returncode}) after {wall:.0f} s", file=sys.stderr)
+        return returncode
+    if metrics_path is None:
         print(f"{args.script} wrote no {args.output_dir}/*/metrics.jsonl", file=sys.stderr)
         return 1
-    metrics_path = max(written, key=lambda p: p.stat().st_mtime)
     summary = eval_summary(metrics_path)
     if not summary:
         print(f"{metrics_path} has no eval/ metrics", file=sys.stderr)

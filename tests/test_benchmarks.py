@@ -1,9 +1,10 @@
-"""benchmarks/learn.py and benchmarks/curve.py run as a user runs them, in a subprocess."""
+"""benchmarks/learn.py, curve.py and compare.py run as a user runs them, in a subprocess."""
 
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,9 +14,10 @@ TINY_BUDGET = ["--total-steps", "2", "--eval-every", "1", "--eval-size", "4", "-
 TINY_BUDGET += ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4"]
 
 
-def run(repo_root, tmp_path, *command):
-    """Run a command from the repo root, offline, with its caches under tmp_path."""
-    env = {**os.environ, "VLRL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+def run(repo_root, tmp_path, *command, **env):
+    """Run a command from the repo root, offline, on one thread (a tiny model loses on a busy CPU with more), with
+    its caches under tmp_path and `env` added to its environment."""
+    env = {**os.environ, "VLRL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, *command], cwd=repo_root, env=env, capture_output=True, text=True,
                           encoding="utf-8", timeout=300)  # fmt: skip
 
@@ -85,3 +87,143 @@ def test_curve_refuses_a_file_without_eval_metrics(repo_root, tmp_path):
     result = run(repo_root, tmp_path, "benchmarks/curve.py", str(metrics), "--out", str(tmp_path / "curve.png"))
     assert result.returncode != 0 and "has no eval/accuracy" in result.stderr
     assert not (tmp_path / "curve.png").exists()
+
+
+def load_benchmark(repo_root, name, monkeypatch):
+    """benchmarks/<name>.py as a module; benchmarks/ on sys.path, as when it runs (it imports learn.py)."""
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, repo_root / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COMPARED = ["algos/grpo_vlm.py", "algos/rloo_vlm.py"]
+
+
+@pytest.fixture(scope="module")
+def benchmark(repo_root, tiny_model_dir, tmp_path_factory):
+    """compare.py on GRPO and RLOO, seeds 1 and 2, tiny budget: (its --out, its flags, the finished result)."""
+    out = tmp_path_factory.mktemp("benchmark")
+    flags = ["--out", str(out), "--seeds", "2", "--scripts", *COMPARED, "--", *TINY_BUDGET, "--model", tiny_model_dir]
+    result = run(repo_root, out, "benchmarks/compare.py", *flags)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return out, flags, result
+
+
+def spread(values, fmt):
+    return f"{sum(values) / len(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+
+
+def test_compare_tabulates_each_scripts_eval_accuracy_and_wall_time_over_the_seeds(benchmark):
+    out, flags, result = benchmark
+    markdown = (out / "benchmark.md").read_text()
+    assert "python benchmarks/compare.py " + " ".join(flags) in markdown  # the command that made it
+    for script in COMPARED:
+        name = os.path.basename(script).removesuffix(".py")
+        paths = [path for seed in (1, 2) for path in (out / "runs").glob(f"counting__{name}__{seed}__*/metrics.jsonl")]
+        runs = [list(map(json.loads, path.read_text().splitlines())) for path in paths]
+        assert len(runs) == 2, f"{name}: one run per seed"
+        accuracy = [[r["eval/accuracy"] for r in records if "eval/accuracy" in r] for records in runs]
+        assert all(len(a) == 3 for a in accuracy)  # step 0, then every step
+        row = f"| {name.removesuffix('_vlm').upper()} | `{script}` | {spread([a[0] for a in accuracy], '.3f')} → "
+        row += f"{spread([a[-1] for a in accuracy], '.3f')} | "
+        (line,) = [line for line in markdown.splitlines() if line.startswith(row)]
+        wall = re.fullmatch(r"(\d+) \[(\d+), (\d+)\] \| 1, 2 \|", line.removeprefix(row))
+        assert wall, line
+        assert int(wall[2]) + 0.5 >= min(records[-1]["time"] for records in runs)  # a process outlives its logging
+        assert line in result.stdout
+        for seed in (1, 2):  # a line as each run starts and one as it ends, with its result
+            assert f"{script} --seed {seed}: running, output in {out / 'logs' / f'{name}__{seed}.log'}" in result.stdout
+            ended = rf"{script} --seed {seed}: eval/accuracy \d\.\d{{3}} → \d\.\d{{3}} in \d+ s"
+            assert re.search(ended, result.stdout)
+
+
+def test_compare_draws_the_eval_curves(benchmark):
+    pytest.importorskip("matplotlib", reason="compare.py draws with matplotlib, a benchmark-only requirement "
+                        "(requirements-bench.txt) that CI, which installs requirements.txt, does not have")  # fmt: skip
+    out, _, _ = benchmark
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](benchmark.png)" in (out / "benchmark.md").read_text()
+
+
+def copy_of(benchmark, tmp_path):
+    """(a copy of the benchmark's --out without the trained models, its flags with --out the copy's); runs.jsonl
+    names run directories relative to --out, so the copy's runs are finished runs too."""
+    out, flags, _ = benchmark
+    shutil.copytree(out, tmp_path / "out", ignore=shutil.ignore_patterns("model"))
+    return tmp_path / "out", [str(tmp_path / "out") if flag == str(out) else flag for flag in flags]
+
+
+def test_compare_run_again_reads_the_finished_runs_and_needs_no_matplotlib_for_the_table(repo_root, benchmark, tmp_path):
+    out, flags = copy_of(benchmark, tmp_path)
+    runs_before, ledger_before = sorted((out / "runs").iterdir()), (out / "runs.jsonl").read_text()
+    (tmp_path / "no-matplotlib" / "matplotlib").mkdir(parents=True)
+    (tmp_path / "no-matplotlib" / "matplotlib" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    result = run(repo_root, tmp_path, "benchmarks/compare.py", *flags, PYTHONPATH=str(tmp_path / "no-matplotlib"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "running" not in result.stdout and result.stdout.count(": finished before, eval/accuracy") == 4
+    assert sorted((out / "runs").iterdir()) == runs_before and (out / "runs.jsonl").read_text() == ledger_before
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and all(line in benchmark[2].stdout for line in table)  # the first run's table
+    assert "needs matplotlib (pip install -r requirements-bench.txt)" in result.stdout
+    assert not (out / "benchmark.png").exists()  # the copied picture would not match the table's command
+    assert all(line in (out / "benchmark.md").read_text() for line in table)
+
+
+def fake_script(tmp_path, name, body):
+    """A script in tmp_path that fails or logs as told, without a model: its flags come as --name value pairs."""
+    path = tmp_path / f"{name}_vlm.py"
+    path.write_text("import json, os, sys\nflags = dict(zip(sys.argv[1::2], sys.argv[2::2]))\n" + body)
+    return str(path)
+
+
+def test_compare_reports_failed_runs_and_exits_non_zero(repo_root, benchmark, tmp_path):
+    out, flags = copy_of(benchmark, tmp_path)
+    # seed 1 crashes; seed 2 exits 0 one step short of --total-steps 2, as a run stopped by a signal (Ctrl-C, kill) does
+    flaky = fake_script(tmp_path, "flaky", "if flags['--seed'] == '1':\n    sys.exit('flaky: no such layer')\n"
+                        "run_dir = os.path.join(flags['--output-dir'], 'run' + flags['--seed'])\n"
+                        "os.makedirs(run_dir)\nwith open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:\n"
+                        "    f.writelines(json.dumps({'step': s, 'eval/accuracy': 0.5, 'time': s}) + '\\n' for s in range(2))\n")  # fmt: skip
+    flags[flags.index(COMPARED[1])] = flaky
+    ledger_before = (out / "runs.jsonl").read_text()
+    result = run(repo_root, tmp_path, "benchmarks/compare.py", *flags)
+    assert result.returncode != 0
+    assert f"{flaky} --seed 1: FAILED (exit 1)" in result.stderr, result.stderr[-3000:]
+    assert "flaky: no such layer" in result.stderr  # the end of its log
+    assert f"{flaky} --seed 2: FAILED (it stopped before step 2)" in result.stderr
+    assert f"2 run(s) failed: {flaky} --seed 1; {flaky} --seed 2" in result.stderr
+    assert (out / "runs.jsonl").read_text() == ledger_before  # not finished: the same command runs them again
+    markdown = (out / "benchmark.md").read_text()  # the table of what finished
+    assert f"| FLAKY | `{flaky}` | failed: no finished run |" in markdown
+    assert "| GRPO | `algos/grpo_vlm.py` | 0" in markdown
+    assert result.stdout.count(": finished before, eval/accuracy") == 2
+
+
+def test_compare_table_and_curve_are_the_seeds_mean_and_range(repo_root, monkeypatch):
+    compare = load_benchmark(repo_root, "compare", monkeypatch)
+
+    def records(times, accuracy):  # evaluated at steps 0, 2, 4, at these wall-clock times
+        return [{"step": s, "time": t, **({"eval/accuracy": a} if a is not None else {})}
+                for s, t, a in zip(range(5), times, accuracy)]  # fmt: skip
+
+    runs = [compare.Run(1, records([1, 2, 3, 4, 5], [0.3, None, 0.5, None, 0.7]), 100.4),
+            compare.Run(3, records([2, 3, 4, 5, 6], [0.1, None, 0.5, None, 0.9]), 119.6)]  # fmt: skip
+    assert compare.eval_curve(runs) == ([1.5, 3.5, 5.5], [0.2, 0.5, 0.8], [0.1, 0.5, 0.7], [0.3, 0.5, 0.9])
+    assert compare.table({"algos/grpo_vlm.py": runs, "algos/ppo_vlm.py": []}).splitlines()[2:] == [
+        "| GRPO | `algos/grpo_vlm.py` | 0.200 [0.100, 0.300] → 0.800 [0.700, 0.900] | 110 [100, 120] | 1, 3 |",
+        "| PPO | `algos/ppo_vlm.py` | failed: no finished run | | |",
+    ]
+
+
+def test_compare_knows_the_last_step_from_the_flags_or_the_scripts_default(repo_root, monkeypatch, tmp_path):
+    from common.tasks import TOTAL_STEPS
+
+    compare = load_benchmark(repo_root, "compare", monkeypatch)
+    grpo = str(repo_root / "algos" / "grpo_vlm.py")
+    assert compare.last_step(grpo, ["--total-steps", "7"], "counting") == 7
+    assert compare.last_step(grpo, ["--lr", "1e-3", "--total-steps=9"], "counting") == 9
+    assert compare.last_step(grpo, [], "math") == TOTAL_STEPS["math"]  # GRPO's default: None, the task's budget
+    own = tmp_path / "own_vlm.py"
+    own.write_text("from dataclasses import dataclass\n\n@dataclass\nclass Args:\n    seed: int = 1\n    total_steps: int = 30\n")
+    assert compare.last_step(str(own), [], "counting") == 30
