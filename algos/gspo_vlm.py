@@ -139,8 +139,8 @@ class Args:
     num_minibatches: int = 4
     """optimizer steps per rollout, each on 1/num_minibatches of its sequences, shuffled (the clip acts from the second)"""
     skip_zero_advantage_groups: bool = True
-    """leave groups whose rewards are all equal out of the update (their advantage is 0; only their KL term
-    would remain): saves their forward and backward passes, as DAPO's dynamic sampling does (arXiv 2503.14476)"""
+    """leave groups whose rewards are all equal out of the update (their advantage is 0, so is their loss): saves
+    their forward and backward passes, as DAPO's dynamic sampling does (arXiv 2503.14476)"""
 
 
 # ALGO LOGIC: the heart of GSPO, pure functions (tests/test_gspo_math.py pins them)
