@@ -79,11 +79,12 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def micro_batch_logprobs(model, rows: slice, inputs, response_ids, mask, suppressed_ids, temperature: float):
+def micro_batch_logprobs(model, rows: slice, inputs, response_ids, mask, suppressed_ids, temperature: float, hidden_states: bool = False):
     """log π of the responses in `rows` (a micro-batch), with gradients when they are enabled: (rows, T).
-    inputs: the N prompts (a processor batch, row i is response i's prompt); response_ids, mask: (N, T)."""
+    inputs: the N prompts (a processor batch, row i is response i's prompt); response_ids, mask: (N, T).
+    With hidden_states, (log-probs, last hidden states (rows, T, H)): see response_logprobs."""
     prompts = select(inputs, range(rows.start, rows.stop))
-    return response_logprobs(model, prompts, response_ids[rows], mask[rows], suppressed_ids, temperature)
+    return response_logprobs(model, prompts, response_ids[rows], mask[rows], suppressed_ids, temperature, hidden_states)
 
 
 @torch.no_grad()

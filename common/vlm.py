@@ -264,10 +264,13 @@ def select(inputs, indices):
     return out
 
 
-def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temperature: float = 1.0):
+def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temperature: float = 1.0, hidden_states: bool = False):
     """log π(response token | image, prompt, earlier tokens) for every response position, in one forward pass
     over prompt + response. prompts: (B, P) left-padded batch with image inputs; response_ids, mask: (B, T).
-    Returns (B, T); positions where mask == 0 hold 0."""
+    Returns (B, T); positions where mask == 0 hold 0. With hidden_states, returns (log-probs, hidden): hidden
+    (B, T, H) is the last hidden state (after the final norm: the LM head's input) at the position whose logits
+    give log π(response token t), for a value head (algos/ppo_vlm.py); read from the LM head's input, so only
+    those T positions are kept, whatever the family."""
     inputs = dict(prompts)
     inputs["input_ids"] = torch.cat([prompts["input_ids"], response_ids], dim=1)
     inputs["attention_mask"] = torch.cat([prompts["attention_mask"], mask.to(prompts["attention_mask"].dtype)], 1)
@@ -286,10 +289,17 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
             module.rope_deltas = None
     # logits at position i predict token i+1: keep the ones that predict response tokens
     T = response_ids.shape[1]
-    logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (B, T, V)
+    captured = []  # hidden_states: the LM head's input, (B, T + 1, H), recorded as the forward passes it
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: captured.append(args[0])) if hidden_states else None
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (B, T, V)
+    finally:
+        if hook is not None:
+            hook.remove()
     logits[..., suppressed_ids] = float("-inf")  # the policy we sampled from never emits these
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
+    logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
+    return (logprobs, captured[0][:, :-1]) if hidden_states else logprobs
 
 
 @torch.no_grad()
