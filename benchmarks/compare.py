@@ -15,7 +15,6 @@ Interrupted? Run the same command again: a finished run (exit 0, its metrics.jso
 from runs.jsonl, not run again. The exit status is non-zero when a run failed; the table holds the runs that finished.
 """
 
-import ast
 import json
 import os
 import shlex
@@ -31,7 +30,6 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common.runs import read_metrics  # noqa: E402
-from common.tasks import TOTAL_STEPS  # noqa: E402
 from learn import run_script, series  # noqa: E402  (benchmarks/learn.py, next to this file)
 
 ALGOS = Path(__file__).resolve().parents[1] / "algos"
@@ -62,27 +60,19 @@ class Run(NamedTuple):
     wall: float
 
 
-def last_step(script: str, flags: list[str], task: str) -> int:
-    """The step a finished run of `script` ends at: --total-steps among the flags, else the script's default, read
-    from its source (importing a script loads torch: seconds each); a default of None is the task's budget."""
-    for i, flag in enumerate(flags):
-        if flag == "--total-steps" and i + 1 < len(flags):
-            return int(flags[i + 1])
-        if flag.startswith("--total-steps="):
-            return int(flag.split("=", 1)[1])
-    tree = ast.parse(Path(script).read_text())
-    fields = [node for cls in tree.body if isinstance(cls, ast.ClassDef) and cls.name == "Args" for node in cls.body]
-    default = next((ast.literal_eval(f.value) for f in fields if isinstance(f, ast.AnnAssign)
-                    and getattr(f.target, "id", None) == "total_steps" and f.value is not None), None)  # fmt: skip
-    return TOTAL_STEPS[task] if default is None else default
+def last_step(run_dir: Path) -> int | None:
+    """The step the run ends at when it finishes: its --total-steps, defaults resolved, from the args.json every
+    script writes into its run directory (common.runs.start_run); None without one."""
+    path = run_dir / "args.json"
+    return json.loads(path.read_text())["total_steps"] if path.is_file() else None
 
 
-def finished_records(run_dir: Path, last: int) -> list[dict] | None:
-    """The run's metrics records if they reach step `last`, else None (no metrics.jsonl, or a run stopped early)."""
+def finished_records(run_dir: Path) -> list[dict] | None:
+    """The run's metrics records if they reach its last step, else None (no metrics.jsonl, or a run stopped early)."""
     if not (run_dir / "metrics.jsonl").is_file():
         return None
     records = read_metrics(run_dir)
-    return records if records and records[-1]["step"] == last else None
+    return records if records and records[-1]["step"] == last_step(run_dir) else None
 
 
 def eval_curve(runs: list[Run]) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -157,15 +147,15 @@ def build_tiny_model(task: str):
 def run_once(script: str, seed: int, args: Args, flags: list[str], tag: str) -> Run | None:
     """Run one script and seed, its output to <out>/logs/; a finished run is added to <out>/runs.jsonl and returned,
     a failed one printed with the end of its log (None)."""
-    out, last = Path(args.out), last_step(script, flags, args.task)
+    out = Path(args.out)
     log = out / "logs" / f"{Path(script).stem}__{seed}.log"
     print(f"{tag}: running, output in {log}", flush=True)
     with open(log, "w") as f:
         code, wall, metrics = run_script(script, str(out / "runs"), [*flags, "--task", args.task, "--seed", str(seed)],
                                          stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
-    records = finished_records(metrics.parent, last) if code == 0 and metrics else None
+    records = finished_records(metrics.parent) if code == 0 and metrics else None
     if records is None:
-        why = f"exit {code}" if code != 0 else "no metrics.jsonl" if not metrics else f"it stopped before step {last}"
+        why = f"exit {code}" if code != 0 else "no metrics.jsonl" if not metrics else f"it stopped before step {last_step(metrics.parent)}"
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-8:])
         print(f"{tag}: FAILED ({why}) after {wall:.0f} s; the end of {log}:\n{tail}", file=sys.stderr, flush=True)
         return None
@@ -197,7 +187,7 @@ def main(args: Args, flags: list[str], command: str) -> int:
     for n, (script, seed) in enumerate(pairs, 1):
         tag = f"[{n}/{len(pairs)}] {script} --seed {seed}"
         record = finished.get((script, seed, args.task, tuple(flags)))
-        records = record and finished_records(out / record["run_dir"], last_step(script, flags, args.task))
+        records = record and finished_records(out / record["run_dir"])
         if not records and not any(flag.split("=")[0] == "--model" for flag in flags) and not built:
             build_tiny_model(args.task)
             built = True

@@ -68,14 +68,17 @@ def check_flags(args):
 
 
 def start_run(args, checkpoint: str | None, state: dict | None, start_time: float):
-    """(run dir, the metrics it holds, log, finish): a new <output_dir>/<task>__<exp_name>__<seed>__<time> directory, or the
-    resumed run's with the records after its checkpoint dropped (they are logged again). log(record) appends one
+    """(run dir, the metrics it holds, log, finish): a new <output_dir>/<task>__<exp_name>__<seed>__<time> directory
+    with the run's flags, defaults resolved, in args.json, or the resumed run's directory with the records after its
+    checkpoint dropped (they are logged again). log(record) appends one
     line to metrics.jsonl and, with --track, logs to Weights & Biases (the run's id is its directory's name, so a
     resumed run continues its wandb run); finish() closes both at the end."""
     if checkpoint:
         run_dir, records = args.resume, truncate_metrics(args.resume, state["step"])
     else:
         run_dir, records = new_run_dir(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"), []
+        with open(os.path.join(run_dir, "args.json"), "w") as f:  # e.g. the --total-steps a finished run reaches
+            json.dump(vars(args), f, indent=1)
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
     name = os.path.basename(run_dir)
     if args.track:

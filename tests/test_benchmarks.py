@@ -183,7 +183,8 @@ def test_compare_reports_failed_runs_and_exits_non_zero(repo_root, benchmark, tm
     # seed 1 crashes; seed 2 exits 0 one step short of --total-steps 2, as a run stopped by a signal (Ctrl-C, kill) does
     flaky = fake_script(tmp_path, "flaky", "if flags['--seed'] == '1':\n    sys.exit('flaky: no such layer')\n"
                         "run_dir = os.path.join(flags['--output-dir'], 'run' + flags['--seed'])\n"
-                        "os.makedirs(run_dir)\nwith open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:\n"
+                        "os.makedirs(run_dir)\njson.dump({'total_steps': 2}, open(os.path.join(run_dir, 'args.json'), 'w'))\n"
+                        "with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:\n"
                         "    f.writelines(json.dumps({'step': s, 'eval/accuracy': 0.5, 'time': s}) + '\\n' for s in range(2))\n")  # fmt: skip
     flags[flags.index(COMPARED[1])] = flaky
     ledger_before = (out / "runs.jsonl").read_text()
@@ -216,14 +217,12 @@ def test_compare_table_and_curve_are_the_seeds_mean_and_range(repo_root, monkeyp
     ]
 
 
-def test_compare_knows_the_last_step_from_the_flags_or_the_scripts_default(repo_root, monkeypatch, tmp_path):
-    from common.tasks import TOTAL_STEPS
-
+def test_compare_reads_the_last_step_from_the_runs_args_json(repo_root, monkeypatch, tmp_path):
+    # every script writes its flags, defaults resolved, to <run>/args.json (common.runs.start_run)
     compare = load_benchmark(repo_root, "compare", monkeypatch)
-    grpo = str(repo_root / "algos" / "grpo_vlm.py")
-    assert compare.last_step(grpo, ["--total-steps", "7"], "counting") == 7
-    assert compare.last_step(grpo, ["--lr", "1e-3", "--total-steps=9"], "counting") == 9
-    assert compare.last_step(grpo, [], "math") == TOTAL_STEPS["math"]  # GRPO's default: None, the task's budget
-    own = tmp_path / "own_vlm.py"
-    own.write_text("from dataclasses import dataclass\n\n@dataclass\nclass Args:\n    seed: int = 1\n    total_steps: int = 30\n")
-    assert compare.last_step(str(own), [], "counting") == 30
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time": s}) + "\n" for s in range(4)))
+    assert compare.finished_records(tmp_path) is None  # no args.json: not a run of ours
+    (tmp_path / "args.json").write_text(json.dumps({"total_steps": 3}))
+    assert [r["step"] for r in compare.finished_records(tmp_path)] == [0, 1, 2, 3]
+    (tmp_path / "args.json").write_text(json.dumps({"total_steps": 150}))  # e.g. PPO's own default on counting
+    assert compare.finished_records(tmp_path) is None

@@ -84,6 +84,8 @@ def check_metrics(run_dir, steps, script):
 
 def test_smoke_run_logs_every_metric_for_every_step(smoke, script):
     check_metrics(smoke[1], steps=2, script=script)
+    flags = json.loads((smoke[1] / "args.json").read_text())  # the run's flags, for benchmarks/compare.py and people
+    assert flags["total_steps"] == 2 and flags["task"] == "counting" and flags["exp_name"] == script.name
 
 
 @pytest.mark.parametrize("task, extra_keys", [("math", []), ("grounding", ["charts/iou", "eval/iou"])], ids=["math", "grounding"])
