@@ -14,8 +14,9 @@ def load_policy(args, model_path: str, checkpoint: str | None, state: dict | Non
     """(model, processor, reference, reference_fingerprint): the actor (the policy we train), made trainable as the
     memory flags say, and the reference (the frozen KL anchor, the initial policy): None with --beta 0 or in a script
     without a KL term (no args.beta), a frozen copy of model_path, or with --lora the policy itself (scored with its
-    adapters disabled: the base weights, no second copy). A resumed run's actor comes from its checkpoint (`state` its state.pt): its full weights, or the
-    base and its adapters; its reference must be the one the run started with (the fingerprint says)."""
+    adapters disabled: the base weights, no second copy). A resumed run's actor comes from its checkpoint (`state`
+    its state.pt): its full weights, or the base and its adapters; its reference must be the one the run started
+    with (the fingerprint says)."""
     dtype = getattr(torch, args.dtype)
     policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
     model, processor = load_vlm(policy_path, dtype, device, args.min_pixels, args.max_pixels)
