@@ -10,6 +10,7 @@ their group's mean.
     python algos/grpo_vlm.py --task grounding                     # ... boxes, reward = IoU
     python algos/grpo_vlm.py --task counting --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lora --lr 1e-5 --max-new-tokens 256 --track
+    torchrun --nproc-per-node 8 algos/grpo_vlm.py --task counting --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2
 
 Docs: docs/grpo_vlm.md. Not meant to be imported except for the pure functions the tests pin.
 """
@@ -29,10 +30,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common import tasks  # noqa: E402
+from common.dist import accumulate, all_max, all_mean, all_sum, even_rows, gather, init, rank, shard, split_map, world_size, wrap  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.policy import load_policy, micro_batch_logprobs, micro_batches, reference_logprobs, sample, sequence_logprobs  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
-from common.runs import StopSignals, check_flags, latest_checkpoint, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
+from common.runs import StopSignals, check_flags, latest_checkpoint, load_optimizer, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
 from common.tiny_vlm import tiny_model_dir  # noqa: E402
 from common.vlm import box_frame, build_prompts, greedy_rewards, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
 
@@ -125,6 +127,9 @@ class Args:
     optimizer: Literal["adamw", "adamw8bit", "adamw8bit-offload"] = "adamw"
     """adamw (torch), adamw8bit (bitsandbytes' 8-bit moments, on the weights' device) or adamw8bit-offload (8-bit
     moments and an fp32 copy of the weights on the CPU; the device keeps only weights and gradients)"""
+    dist: Literal["fsdp", "ddp"] = "fsdp"
+    """under torchrun: fsdp (FSDP2 shards weights, gradients and optimizer state over the ranks) or ddp (a full replica
+    per rank, gradients all-reduced); a single process ignores it (docs/grpo_vlm.md#torchrun)"""
     rollout_engine: Literal["auto", "hf", "vllm"] = "auto"
     """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, asleep while it
     trains) or auto (vLLM when it is installed and there is a GPU, else HF generate); one printed line says which"""
@@ -253,7 +258,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
+    device = init(args.cuda)  # under torchrun: join the process group, this rank's GPU
 
     # TRY NOT TO MODIFY: task data, whose prompts must fit --max-prompt-tokens (checked before any weights load)
     train_examples, eval_examples = tasks.load_data(args)
@@ -261,9 +266,12 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     # TRY NOT TO MODIFY: actor (the policy we train), reference (frozen KL anchor), optimizer, rollout engine
     model_path = tiny_model_dir(args.task) if args.model == "tiny" else args.model
     model, processor, reference, reference_fingerprint = load_policy(args, model_path, checkpoint, state, device)
+    trainer = wrap(model, args.dist)  # torchrun: FSDP2 shards `model` in place (trainer is model), DDP wraps it
     optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.lr)  # the weights that require grad
     if checkpoint:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+        load_optimizer(optimizer, checkpoint)
+    if world_size() > 1:
+        torch.manual_seed(args.seed + rank())  # the same initial weights everywhere, each rank's own sampling noise
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_prompt_tokens + args.max_new_tokens)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
     print(memory_plan(model, optimizer, reference, engine_bytes))  # each tensor once: a LoRA reference is the policy
@@ -283,8 +291,8 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
         return prompts, response_ids, rewards
 
-    def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding)
-        rewards = greedy_rewards(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
+    def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding), split over ranks
+        rewards = split_map(lambda part: greedy_rewards(model, processor, part, reward_fn, args.max_new_tokens, args.max_prompt_tokens), eval_examples)
         return tasks.summarize(args.task, rewards, "eval")
 
     def checkpoint_now(step):
@@ -300,7 +308,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
     last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
     start_step = state["step"] if checkpoint else 0
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc=args.exp_name, dynamic_ncols=True, initial=start_step, total=args.total_steps)
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc=args.exp_name, dynamic_ncols=True, initial=start_step, total=args.total_steps, disable=rank() > 0)
     step = start_step
     stop.loop_started()
     try:
@@ -309,8 +317,8 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             lr = args.lr * (1 - (step - 1) / args.total_steps) if args.anneal_lr else args.lr  # linear decay to 0
             optimizer.param_groups[0]["lr"] = lr
 
-            # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts
-            batch, G = random.sample(train_examples, args.prompts_per_step), args.group_size
+            # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts (under torchrun, this rank's B / N)
+            batch, G = shard(random.sample(train_examples, args.prompts_per_step)), args.group_size
             prompts, response_ids, rewards = rollout(batch)  # rewards: (B*G,)
             mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
@@ -319,18 +327,18 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             # gives its place to the group of a new prompt, if that one is informative. The charts describe the first
             # rollout (the policy on random prompts); the update uses the refilled batch and its rewards.
             response_lengths = mask.sum(1)  # for logging, before any filtering
-            zero_advantage_groups = (~informative_groups(rewards, G)).float().mean().item()
+            zero_advantage_groups = all_mean((~informative_groups(rewards, G)).float().mean().item())
             train_batch, train_rewards, resampled_prompts = list(batch), rewards.clone(), 0
             for _ in range(args.max_resample_rounds if args.dynamic_sampling else 0):
                 empty = (~informative_groups(train_rewards, G)).nonzero().squeeze(1).tolist()
-                if not empty:
+                if all_max(len(empty)) == 0:  # torchrun: every rank rolls out as often, as many prompts as the most needs
                     break
-                new_batch = random.sample(train_examples, len(empty))
+                new_batch = shard(random.sample(train_examples, all_max(len(empty)) * world_size()))
                 _, new_ids, new_rewards = rollout(new_batch)
-                resampled_prompts += len(empty)
+                resampled_prompts += all_sum(len(empty))
                 width = max(response_ids.shape[1], new_ids.shape[1])  # both EOS-padded to one length
                 response_ids, new_ids = (F.pad(ids, (0, width - ids.shape[1]), value=stop_token_id(processor)) for ids in (response_ids, new_ids))
-                for k in informative_groups(new_rewards, G).nonzero().squeeze(1).tolist():
+                for k in informative_groups(new_rewards, G).nonzero().squeeze(1).tolist()[: len(empty)]:
                     old_rows, new_rows = slice(empty[k] * G, empty[k] * G + G), slice(k * G, k * G + G)
                     train_batch[empty[k]], train_rewards[old_rows], response_ids[old_rows] = new_batch[k], new_rewards[new_rows], new_ids[new_rows]
             if resampled_prompts:  # the refilled batch's prompts and masks
@@ -341,14 +349,18 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
 
             # ALGO LOGIC: advantage, group-normalised reward, one per sequence
             advantages = group_advantages(train_rewards, G, scale=args.scale_rewards).to(device)  # (B*G,)
+            padding = 0
             if args.skip_zero_advantage_groups:  # all-equal groups have A = 0 everywhere: skip their compute
                 keep = informative_groups(train_rewards, G).repeat_interleave(G).nonzero().squeeze(1).tolist()
-                inputs, response_ids, mask, advantages = select(inputs, keep), response_ids[keep], mask[keep], advantages[keep]
+                rows, padding = even_rows(keep)  # torchrun: as many rows on every rank, the padding masked out
+                inputs, response_ids, mask, advantages = select(inputs, rows), response_ids[rows], mask[rows], advantages[rows]
+                mask[len(keep) :], advantages[len(keep) :] = 0, 0
 
             # ALGO LOGIC: log-probs under the sampling policy and the reference, recomputed by the trainer (not taken
             # from the rollout engine). With one update per rollout the sampling policy is the current model, so
             # old_logprobs is the update's own forward, detached: a forward pass saved (rho = 1 exactly).
-            N, mb = len(advantages), args.micro_batch_size
+            N, mb = len(advantages), args.micro_batch_size  # this rank's rows
+            sequences, tokens = all_sum(N - padding), all_sum(mask.sum())  # the global step's: every rank's
             scoring = (inputs, response_ids, mask, suppressed, args.temperature)
             old_logprobs = sequence_logprobs(model, *scoring, mb) if args.updates_per_step > 1 else None
             ref_logprobs = reference_logprobs(reference, *scoring, mb) if reference is not None else None
@@ -358,26 +370,28 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             stats = torch.zeros(4)  # loss, kl, clipfrac, entropy: each micro-batch weighted by its share of the step, all passes
             for _ in range(args.updates_per_step):
                 optimizer.zero_grad(set_to_none=True)
-                for rows in micro_batches(N, mb):
-                    logprobs = micro_batch_logprobs(model, rows, *scoring)  # (n, T), with gradients
+                for rows in accumulate(micro_batches(N, mb), trainer):  # torchrun: gradients reduced in the last
+                    logprobs = micro_batch_logprobs(trainer, rows, *scoring)  # (n, T), with gradients
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
                     ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[rows]  # beta = 0: KL term is 0
                     loss, kl, clipfrac = grpo_loss(logprobs, old, ref, advantages[rows], mask[rows], args.clip_eps, args.beta, **variant)
-                    share = len(logprobs) / N  # the micro-batch's part of the step's loss: of its sequences, or its tokens
-                    loss_share = (mask[rows].sum() / mask.sum()).item() if args.loss_aggregation == "token-mean" else share
+                    share = len(logprobs) / sequences  # the micro-batch's part of the step's loss: of its sequences, or its tokens
+                    loss_share = (mask[rows].sum() / tokens).item() if args.loss_aggregation == "token-mean" else share
                     (loss * loss_share).backward()
                     entropy = -masked_mean(logprobs.detach(), mask[rows], dim=1).mean()  # -log p of the sampled tokens
                     stats += torch.stack([loss.detach() * loss_share, kl * share, clipfrac * share, entropy * share]).cpu() / args.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-                if N == 0:  # every group skipped: nothing to update (on zero-filled gradients weight decay would still act)
+                if sequences == 0:  # every group skipped: nothing to update (on zero-filled gradients weight decay would still act)
                     stats[:], grad_norm = float("nan"), float("nan")  # logged as null
                 elif math.isfinite(grad_norm) and stats.isfinite().all():
                     optimizer.step()
                 else:
                     tqdm.write(f"warning: step {step}: non-finite loss or grad norm ({grad_norm}); update skipped")
             optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
+            stats = all_sum(stats)  # each rank's share of the global step's
 
-            # TRY NOT TO MODIFY: log / eval / save
+            # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
+            rewards, response_lengths = gather(rewards), gather(response_lengths)
             loss, kl, clipfrac, entropy = stats.tolist()
             record = {
                 "step": step,
@@ -402,7 +416,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 record.update(last_eval)
             log(record)
             progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_eval['eval/accuracy']:.3f}")
-            stopping = stop.requested and step < args.total_steps  # Ctrl-C / kill: save, then leave the loop
+            stopping = all_max(int(stop.requested)) == 1 and step < args.total_steps  # Ctrl-C / kill: save, then leave the loop
             if (args.save_every and step % args.save_every == 0) or stopping:
                 checkpoint_now(step)
             if stopping:

@@ -11,6 +11,7 @@ token ratios, clipped to a narrow band, over several minibatch updates per rollo
     python algos/gspo_vlm.py --task grounding                     # ... boxes, reward = IoU
     python algos/gspo_vlm.py --task counting --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lora --lr 1e-5 --max-new-tokens 256 --track
+    torchrun --nproc-per-node 8 algos/gspo_vlm.py --task counting --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2
 
 Docs: docs/gspo_vlm.md. Not meant to be imported except for the pure functions the tests pin.
 """
@@ -29,10 +30,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common import tasks  # noqa: E402
+from common.dist import accumulate, all_max, all_mean, all_sum, even_rows, gather, init, rank, shard, split_map, world_size, wrap  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.policy import load_policy, micro_batch_logprobs, sample, sequence_logprobs  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
-from common.runs import StopSignals, check_flags, latest_checkpoint, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
+from common.runs import StopSignals, check_flags, latest_checkpoint, load_optimizer, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
 from common.tiny_vlm import tiny_model_dir  # noqa: E402
 from common.vlm import box_frame, build_prompts, greedy_rewards, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
 
@@ -125,6 +127,9 @@ class Args:
     optimizer: Literal["adamw", "adamw8bit", "adamw8bit-offload"] = "adamw"
     """adamw (torch), adamw8bit (bitsandbytes' 8-bit moments, on the weights' device) or adamw8bit-offload (8-bit
     moments and an fp32 copy of the weights on the CPU; the device keeps only weights and gradients)"""
+    dist: Literal["fsdp", "ddp"] = "fsdp"
+    """under torchrun: fsdp (FSDP2 shards weights, gradients and optimizer state over the ranks) or ddp (a full replica
+    per rank, gradients all-reduced); a single process ignores it (docs/grpo_vlm.md#torchrun)"""
     rollout_engine: Literal["auto", "hf", "vllm"] = "auto"
     """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, asleep while it
     trains) or auto (vLLM when it is installed and there is a GPU, else HF generate); one printed line says which"""
@@ -205,7 +210,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
+    device = init(args.cuda)  # under torchrun: join the process group, this rank's GPU
 
     # TRY NOT TO MODIFY: task data, whose prompts must fit --max-prompt-tokens (checked before any weights load)
     train_examples, eval_examples = tasks.load_data(args)
@@ -213,9 +218,12 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     # TRY NOT TO MODIFY: actor (the policy we train), reference (frozen KL anchor), optimizer, rollout engine
     model_path = tiny_model_dir(args.task) if args.model == "tiny" else args.model
     model, processor, reference, reference_fingerprint = load_policy(args, model_path, checkpoint, state, device)
+    trainer = wrap(model, args.dist)  # torchrun: FSDP2 shards `model` in place (trainer is model), DDP wraps it
     optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.lr)  # the weights that require grad
     if checkpoint:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+        load_optimizer(optimizer, checkpoint)
+    if world_size() > 1:
+        torch.manual_seed(args.seed + rank())  # the same initial weights everywhere, each rank's own sampling noise
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_prompt_tokens + args.max_new_tokens)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
     print(memory_plan(model, optimizer, reference, engine_bytes))  # each tensor once: a LoRA reference is the policy
@@ -235,8 +243,8 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
         return prompts, response_ids, rewards
 
-    def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding)
-        rewards = greedy_rewards(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
+    def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding), split over ranks
+        rewards = split_map(lambda part: greedy_rewards(model, processor, part, reward_fn, args.max_new_tokens, args.max_prompt_tokens), eval_examples)
         return tasks.summarize(args.task, rewards, "eval")
 
     def checkpoint_now(step):
@@ -252,7 +260,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
     last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
     start_step = state["step"] if checkpoint else 0
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc=args.exp_name, dynamic_ncols=True, initial=start_step, total=args.total_steps)
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc=args.exp_name, dynamic_ncols=True, initial=start_step, total=args.total_steps, disable=rank() > 0)
     step = start_step
     stop.loop_started()
     try:
@@ -261,8 +269,8 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             lr = args.lr * (1 - (step - 1) / args.total_steps) if args.anneal_lr else args.lr  # linear decay to 0
             optimizer.param_groups[0]["lr"] = lr
 
-            # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts
-            batch, G = random.sample(train_examples, args.prompts_per_step), args.group_size
+            # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts (under torchrun, this rank's B / N)
+            batch, G = shard(random.sample(train_examples, args.prompts_per_step)), args.group_size
             prompts, response_ids, rewards = rollout(batch)  # rewards: (B*G,)
             mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
@@ -270,32 +278,38 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             # ALGO LOGIC: advantage, group-normalised reward, one per sequence
             advantages = group_advantages(rewards, G).to(device)  # (B*G,)
             response_lengths = mask.sum(1)  # for logging, before any filtering
-            zero_advantage_groups = (rewards.view(-1, G).std(1) == 0).float().mean().item()
+            zero_advantage_groups = all_mean((rewards.view(-1, G).std(1) == 0).float().mean().item())
             extra_metrics = {}  # GSPO logs nothing beyond the shared metrics
+            padding = 0
             if args.skip_zero_advantage_groups:  # all-equal groups have A = 0 everywhere: skip their compute
                 keep = (rewards.view(-1, G).std(1) > 0).repeat_interleave(G).nonzero().squeeze(1).tolist()
-                inputs, response_ids, mask, advantages = select(inputs, keep), response_ids[keep], mask[keep], advantages[keep]
+                rows, padding = even_rows(keep)  # torchrun: as many rows on every rank, the padding masked out
+                inputs, response_ids, mask, advantages = select(inputs, rows), response_ids[rows], mask[rows], advantages[rows]
+                mask[len(keep) :], advantages[len(keep) :] = 0, 0
 
             # ALGO LOGIC: log-probs under the sampling policy, recomputed by the trainer (not taken from the rollout engine)
             # before any update, of the sequences shuffled into minibatches (torch's RNG: a resumed run shuffles alike)
             order = torch.randperm(len(advantages)).tolist()
             inputs, response_ids, mask, advantages = select(inputs, order), response_ids[order], mask[order], advantages[order]
-            N, mb = len(advantages), args.micro_batch_size
+            N, mb = len(advantages), args.micro_batch_size  # this rank's rows
+            real = mask.amax(1)  # (N,): 1, or 0 for a padding row (under torchrun)
             scoring = (inputs, response_ids, mask, suppressed, args.temperature)
             old_logprobs = sequence_logprobs(model, *scoring, mb)  # (N, T), no gradients
 
             # ALGO LOGIC: update, one clipped optimizer step per minibatch (the first at s = 1, later ones off-policy), each
             # in micro-batches with gradient accumulation. N = 0 (every group skipped): no step, the losses logged as null
-            stats, grad_norm = torch.zeros(4) if N else torch.full((4,), float("nan")), float("nan")  # loss, kl, clipfrac, entropy
+            sequences = all_sum(N - padding)  # the global step's: every rank's
+            stats, grad_norm = torch.zeros(4) if sequences else torch.full((4,), float("nan")), float("nan")  # loss, kl, clipfrac, entropy
             bounds = sorted({N * k // args.num_minibatches for k in range(args.num_minibatches + 1)})  # sizes differ by <= 1
             for first, end in zip(bounds, bounds[1:]):  # rows first..end-1; fewer minibatches when N < num_minibatches
                 optimizer.zero_grad(set_to_none=True)
-                for rows in [slice(i, min(i + mb, end)) for i in range(first, end, mb)]:  # the minibatch's micro-batches
-                    logprobs = micro_batch_logprobs(model, rows, *scoring)  # (n, T), with gradients
+                minibatch_sequences = all_sum(real[first:end].sum()).item()  # every rank's
+                for rows in accumulate([slice(i, min(i + mb, end)) for i in range(first, end, mb)], trainer):  # its micro-batches
+                    logprobs = micro_batch_logprobs(trainer, rows, *scoring)  # (n, T), with gradients
                     loss, clipfrac = gspo_loss(logprobs, old_logprobs[rows], advantages[rows], mask[rows], args.clip_eps_low, args.clip_eps_high)
-                    (loss * len(logprobs) / (end - first)).backward()  # the minibatch's loss is the mean over its sequences
+                    (loss * len(logprobs) / minibatch_sequences).backward()  # the minibatch's loss is the mean over its sequences
                     entropy = -masked_mean(logprobs.detach(), mask[rows], dim=1).mean()  # -log p of the sampled tokens
-                    stats += torch.stack([loss.detach(), torch.tensor(0.0), clipfrac, entropy]).cpu() * len(logprobs) / N
+                    stats += torch.stack([loss.detach(), torch.tensor(0.0), clipfrac, entropy]).cpu() * len(logprobs) / sequences
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                 if math.isfinite(grad_norm) and stats.isfinite().all():
                     optimizer.step()
@@ -303,8 +317,10 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                     tqdm.write(f"warning: step {step}: non-finite loss or grad norm ({grad_norm}); update skipped")
             stats[1] = float("nan")  # no KL term: losses/kl is logged as null
             optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
+            stats = all_sum(stats)  # each rank's share of the global step's
 
-            # TRY NOT TO MODIFY: log / eval / save
+            # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
+            rewards, response_lengths = gather(rewards), gather(response_lengths)
             loss, kl, clipfrac, entropy = stats.tolist()
             record = {
                 "step": step,
@@ -329,7 +345,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 record.update(last_eval)
             log(record)
             progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_eval['eval/accuracy']:.3f}")
-            stopping = stop.requested and step < args.total_steps  # Ctrl-C / kill: save, then leave the loop
+            stopping = all_max(int(stop.requested)) == 1 and step < args.total_steps  # Ctrl-C / kill: save, then leave the loop
             if (args.save_every and step % args.save_every == 0) or stopping:
                 checkpoint_now(step)
             if stopping:

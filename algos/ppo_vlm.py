@@ -13,6 +13,7 @@ values into per-token advantages. Several epochs of clipped updates over minibat
     python algos/ppo_vlm.py --task grounding                     # ... boxes, reward = IoU
     python algos/ppo_vlm.py --task counting --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lora --lr 1e-5 --max-new-tokens 256 --track
+    torchrun --nproc-per-node 8 algos/ppo_vlm.py --task counting --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2
 
 Docs: docs/ppo_vlm.md. Not meant to be imported except for the pure functions the tests pin.
 """
@@ -31,10 +32,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common import tasks  # noqa: E402
+from common.dist import accumulate, all_max, all_mean, all_sum, full_state_dict, gather, init, rank, shard, split_map, world_size, wrap  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.policy import load_policy, micro_batch_logprobs, micro_batches, reference_logprobs, sample  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
-from common.runs import StopSignals, check_flags, latest_checkpoint, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
+from common.runs import StopSignals, check_flags, latest_checkpoint, load_optimizer, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
 from common.tiny_vlm import tiny_model_dir  # noqa: E402
 from common.vlm import box_frame, build_prompts, greedy_rewards, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
 
@@ -127,6 +129,9 @@ class Args:
     optimizer: Literal["adamw", "adamw8bit", "adamw8bit-offload"] = "adamw"
     """adamw (torch), adamw8bit (bitsandbytes' 8-bit moments, on the weights' device) or adamw8bit-offload (8-bit
     moments and an fp32 copy of the weights on the CPU; the device keeps only weights and gradients)"""
+    dist: Literal["fsdp", "ddp"] = "fsdp"
+    """under torchrun: fsdp (FSDP2 shards weights, gradients and optimizer state over the ranks) or ddp (a full replica
+    per rank, gradients all-reduced); a single process ignores it (docs/grpo_vlm.md#torchrun)"""
     rollout_engine: Literal["auto", "hf", "vllm"] = "auto"
     """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, asleep while it
     trains) or auto (vLLM when it is installed and there is a GPU, else HF generate); one printed line says which"""
@@ -156,16 +161,18 @@ class Args:
 
 # ALGO LOGIC: the heart of PPO, pure functions (tests/test_ppo_math.py pins them). Tensors are (N, T): N responses,
 # T response positions; mask is 1 on each response's tokens (a prefix: up to and including its end-of-turn token).
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x over positions where mask == 1 (padding and tokens after EOS do not count)."""
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)  # dim None: over all positions
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total=lambda t: t) -> torch.Tensor:
+    """Mean of x over positions where mask == 1 (padding and tokens after EOS do not count). `total` sums over
+    every rank's batch (common/dist.all_sum, under torchrun: the batch's mean, not this rank's part's)."""
+    return total((x * mask).sum(dim)) / total(mask.sum(dim)).clamp(min=1)  # dim None: over all positions
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=lambda t: t) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps), mean and (biased) variance over the positions where mask == 1 (as TRL whitens);
-    masked positions hold 0. Equal values (or a single one) whiten to ~0: eps bounds the division."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    masked positions hold 0. Equal values (or a single one) whiten to ~0: eps bounds the division. `total`: as in
+    masked_mean, the batch's statistics under torchrun."""
+    mean = masked_mean(x, mask, total=total)
+    var = masked_mean((x - mean) ** 2, mask, total=total)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -223,12 +230,13 @@ def value_loss(values, old_values, returns, mask, clip_eps_value: float):
     return loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total=lambda t: t) -> float:
     """1 - Var(returns - V) / Var(returns) over the masked tokens: 1 = the critic predicts the returns, 0 = no better
-    than their mean, < 0 worse; NaN when the returns do not vary (cleanrl's losses/explained_variance)."""
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    than their mean, < 0 worse; NaN when the returns do not vary (cleanrl's losses/explained_variance). `total`: as
+    in masked_mean."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask, total=total)) ** 2, mask, total=total)
     error = returns - values
-    var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    var_error = masked_mean((error - masked_mean(error, mask, total=total)) ** 2, mask, total=total)
     return float("nan") if var_returns == 0 else (1 - var_error / var_returns).item()
 
 
@@ -292,7 +300,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
+    device = init(args.cuda)  # under torchrun: join the process group, this rank's GPU
 
     # TRY NOT TO MODIFY: task data, whose prompts must fit --max-prompt-tokens (checked before any weights load)
     train_examples, eval_examples = tasks.load_data(args)
@@ -307,12 +315,15 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     value_head = make_value_head(model)
     if checkpoint:
         value_head.load_state_dict(state["value_head"])
+    trainer, value_trainer = wrap(model, args.dist), wrap(value_head, args.dist)  # torchrun: sharded alike (DDP: wrapped)
     params = [p for p in [*model.parameters(), *value_head.parameters()] if p.requires_grad]
     optimizer = make_optimizer(args.optimizer, params, lr=args.lr)
 
     # TRY NOT TO MODIFY: optimizer state, rollout engine
     if checkpoint:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+        load_optimizer(optimizer, checkpoint)
+    if world_size() > 1:
+        torch.manual_seed(args.seed + rank())  # the same initial weights everywhere, each rank's own sampling noise
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_prompt_tokens + args.max_new_tokens)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
     print(memory_plan(model, optimizer, reference, engine_bytes))  # each tensor once: a LoRA reference is the policy
@@ -332,14 +343,14 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
         return prompts, response_ids, rewards
 
-    def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding)
-        rewards = greedy_rewards(model, processor, eval_examples, reward_fn, args.max_new_tokens, args.max_prompt_tokens)
+    def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding), split over ranks
+        rewards = split_map(lambda part: greedy_rewards(model, processor, part, reward_fn, args.max_new_tokens, args.max_prompt_tokens), eval_examples)
         return tasks.summarize(args.task, rewards, "eval")
 
     # ALGO LOGIC: a checkpoint holds the value head too (in state.pt; the optimizer state already covers it)
     def checkpoint_now(step):
         state = {"args": vars(args), "reference_fingerprint": reference_fingerprint, "time": time.time() - start_time,
-                 "value_head": value_head.state_dict()}  # fmt: skip
+                 "value_head": full_state_dict(value_head) or value_head.state_dict()}  # fmt: skip
         return save_checkpoint(run_dir, step, model, processor, optimizer, args.lora, state)
 
     # TRY NOT TO MODIFY: resume, or evaluate the initial policy
@@ -352,7 +363,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
     first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
     last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
     start_step = state["step"] if checkpoint else 0
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc=args.exp_name, dynamic_ncols=True, initial=start_step, total=args.total_steps)
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), desc=args.exp_name, dynamic_ncols=True, initial=start_step, total=args.total_steps, disable=rank() > 0)
     step = start_step
     stop.loop_started()
     try:
@@ -361,8 +372,8 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             lr = args.lr * (1 - (step - 1) / args.total_steps) if args.anneal_lr else args.lr  # linear decay to 0
             optimizer.param_groups[0]["lr"] = lr
 
-            # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts
-            batch, G = random.sample(train_examples, args.prompts_per_step), args.group_size
+            # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts (under torchrun, this rank's B / N)
+            batch, G = shard(random.sample(train_examples, args.prompts_per_step)), args.group_size
             prompts, response_ids, rewards = rollout(batch)  # rewards: (B*G,)
             mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
             inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
@@ -371,7 +382,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             # log-probs under the reference; recomputed by the trainer, not taken from the rollout engine
             response_lengths = mask.sum(1)
             grouped = rewards.view(-1, G)  # what GRPO would leave out: groups whose rewards are all equal
-            zero_advantage_groups = (grouped.amax(1) == grouped.amin(1)).float().mean().item()
+            zero_advantage_groups = all_mean((grouped.amax(1) == grouped.amin(1)).float().mean().item())
             N, mb = len(response_ids), args.micro_batch_size
             scoring = (inputs, response_ids, mask, suppressed, args.temperature)
             with torch.no_grad():
@@ -383,7 +394,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             rewards_t = token_rewards(rewards.to(device), old_logprobs, ref_logprobs, mask, args.beta)
             advantages, returns = gae(rewards_t, old_values, mask, args.gamma, args.gae_lambda)
             if args.norm_adv:
-                advantages = whiten(advantages, mask)
+                advantages = whiten(advantages, mask, total=all_sum)  # torchrun: over every rank's tokens
 
             # ALGO LOGIC: update: update_epochs passes over the batch, each in num_minibatches shuffled minibatches, one
             # clipped optimizer step per minibatch (micro-batches with gradient accumulation inside it)
@@ -393,10 +404,10 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 optimizer.zero_grad(set_to_none=True)
                 part = rows.tolist()
                 batch_scoring = (select(inputs, part), response_ids[part], mask[part], suppressed, args.temperature)
-                tokens = mask[part].sum()
-                for micro in micro_batches(len(part), mb):
+                tokens = all_sum(mask[part].sum())  # every rank's
+                for micro in accumulate(micro_batches(len(part), mb), trainer, value_trainer):  # torchrun: reduced in the last
                     idx = part[micro]
-                    logprobs, values = logprobs_and_values(model, value_head, micro, *batch_scoring)  # with gradients
+                    logprobs, values = logprobs_and_values(trainer, value_trainer, micro, *batch_scoring)  # with gradients
                     m = mask[idx]
                     pg_loss, clipfrac, approx_kl = ppo_loss(logprobs, old_logprobs[idx], advantages[idx], m, args.clip_eps)
                     v_loss, v_clipfrac = value_loss(values, old_values[idx], returns[idx], m, args.clip_eps_value)
@@ -411,21 +422,23 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 else:
                     tqdm.write(f"warning: step {step}: non-finite loss or grad norm ({grad_norm}); update skipped")
             optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
+            totals[:6] = all_sum(totals[:6])  # each rank's share of every rank's tokens (the grad norm is already global)
             loss, policy_loss, v_loss, clipfrac, approx_kl, value_clipfrac, grad_norm = totals.tolist()
             d = ref_logprobs - old_logprobs  # KL(sampling policy || reference), k3 per token, as GRPO logs it
-            kl = masked_mean(torch.exp(d) - d - 1, mask, dim=1).mean().item()
-            entropy = -masked_mean(old_logprobs, mask, dim=1).mean().item()  # -log p of the sampled tokens
+            kl = all_mean(masked_mean(torch.exp(d) - d - 1, mask, dim=1).mean().item())
+            entropy = all_mean(-masked_mean(old_logprobs, mask, dim=1).mean().item())  # -log p of the sampled tokens
             stats = torch.tensor([loss, kl, clipfrac, entropy])  # the shared metrics, in the template's order
             extra_metrics = {
                 "losses/policy_loss": policy_loss,
                 "losses/value_loss": v_loss,
                 "losses/approx_kl": approx_kl,  # to the sampling policy, over the update's minibatches
                 "losses/value_clipfrac": value_clipfrac,
-                "losses/explained_variance": explained_variance(old_values, returns, mask),
-                "charts/value_mean": masked_mean(old_values, mask).item(),
+                "losses/explained_variance": explained_variance(old_values, returns, mask, total=all_sum),
+                "charts/value_mean": masked_mean(old_values, mask, total=all_sum).item(),
             }
 
-            # TRY NOT TO MODIFY: log / eval / save
+            # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
+            rewards, response_lengths = gather(rewards), gather(response_lengths)
             loss, kl, clipfrac, entropy = stats.tolist()
             record = {
                 "step": step,
@@ -450,7 +463,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 record.update(last_eval)
             log(record)
             progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{last_eval['eval/accuracy']:.3f}")
-            stopping = stop.requested and step < args.total_steps  # Ctrl-C / kill: save, then leave the loop
+            stopping = all_max(int(stop.requested)) == 1 and step < args.total_steps  # Ctrl-C / kill: save, then leave the loop
             if (args.save_every and step % args.save_every == 0) or stopping:
                 checkpoint_now(step)
             if stopping:
@@ -460,7 +473,9 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         last = latest_checkpoint(run_dir)
         raise SystemExit(f"stopped during step {step}: " + (f"continue from {last} with --resume {run_dir}" if last else "no checkpoint was saved"))
     save_policy(model, processor, run_dir, args.lora, args.lora_merge)  # <run>/model or <run>/adapter
-    torch.save(value_head.state_dict(), os.path.join(run_dir, "value_head.pt"))  # ALGO LOGIC: the trained critic
+    value_state = full_state_dict(value_head) or value_head.state_dict()  # ALGO LOGIC: the trained critic
+    if rank() == 0:
+        torch.save(value_state, os.path.join(run_dir, "value_head.pt"))
     finish()
     change = ", ".join(f"{k} {first_eval[k]:.3f} → {last_eval[k]:.3f}" for k in first_eval)
     print(f"{change} in {time.time() - start_time:.0f}s; model and metrics in {run_dir}")

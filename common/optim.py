@@ -110,11 +110,11 @@ def memory_bytes(model, optimizer, ref_model=None, rollout_engine_bytes: int | N
         for t in tensors:
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
-                usage[str(t.device)][role] += t.numel() * t.element_size()
+                usage[str(t.device)][role] += local_bytes(t)
 
     def estimate(role, like, copies):  # tensors to come, shaped, typed and placed like `like`
         for p in like:
-            usage[str(p.device)][role] += copies * p.numel() * p.element_size()
+            usage[str(p.device)][role] += copies * local_bytes(p)
 
     add("weights", model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -136,6 +136,12 @@ def memory_bytes(model, optimizer, ref_model=None, rollout_engine_bytes: int | N
     if rollout_engine_bytes:
         usage[str(next(model.parameters()).device)]["rollout engine"] += rollout_engine_bytes
     return usage, notes
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor in this process: an FSDP2-sharded one (a DTensor) holds only its shard here."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 def memory_plan(model, optimizer, ref_model=None, rollout_engine_bytes: int | None = None) -> str:

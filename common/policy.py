@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from common.dist import wrap
 from common.runs import weights_fingerprint
 from common.vlm import generate, load_vlm, response_logprobs, select, vision_tower
 
@@ -14,7 +15,8 @@ def load_policy(args, model_path: str, checkpoint: str | None, state: dict | Non
     """(model, processor, reference, reference_fingerprint): the actor (the policy we train), made trainable as the
     memory flags say, and the reference (the frozen KL anchor, the initial policy): None with --beta 0 or in a script
     without a KL term (no args.beta), a frozen copy of model_path, or with --lora the policy itself (scored with its
-    adapters disabled: the base weights, no second copy). A resumed run's actor comes from its checkpoint (`state`
+    adapters disabled: the base weights, no second copy). Under torchrun a frozen copy is sharded like the actor
+    (common/dist.py); the actor is wrapped by the script. A resumed run's actor comes from its checkpoint (`state`
     its state.pt): its full weights, or the base and its adapters; its reference must be the one the run started
     with (the fingerprint says)."""
     dtype = getattr(torch, args.dtype)
@@ -31,6 +33,7 @@ def load_policy(args, model_path: str, checkpoint: str | None, state: dict | Non
     elif beta > 0:
         reference = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False)
         fingerprint = weights_fingerprint(reference)
+        reference = wrap(reference, args.dist, trainable=False)  # torchrun: FSDP2 shards it too (DDP: a replica)
     if checkpoint and fingerprint != state["reference_fingerprint"]:
         raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
     return model, processor, reference, fingerprint

@@ -23,6 +23,8 @@ import signal
 
 import torch
 
+from common import dist
+
 
 def new_run_dir(output_dir: str, run_name: str) -> str:
     """Create and return <output_dir>/<run_name>; never an existing directory: a run started in the same second
@@ -42,6 +44,8 @@ def new_run_dir(output_dir: str, run_name: str) -> str:
 def check_flags(args):
     """The flags every script shares, before anything loads: the first bad one ends the run with one line that
     names the fix. (A script checks its algorithm's own flags itself.)"""
+    world = dist.world_size()  # torchrun's WORLD_SIZE: known before the process group exists
+    sharded = world > 1 and args.dist == "fsdp"
     checks = [
         (args.total_steps < 1, f"--total-steps {args.total_steps}: train for at least 1 step"),
         (args.prompts_per_step < 1, f"--prompts-per-step {args.prompts_per_step}: use 1 or more"),
@@ -61,6 +65,10 @@ def check_flags(args):
         (args.lora_merge and not args.lora, "--lora-merge merges LoRA adapters into the model: add --lora"),
         (args.min_pixels is not None and args.min_pixels < 1, f"--min-pixels {args.min_pixels}: use 1 or more"),
         (args.max_pixels is not None and args.max_pixels < 1, f"--max-pixels {args.max_pixels}: use 1 or more"),
+        # torchrun (common/dist.py)
+        (args.prompts_per_step % world != 0, f"--prompts-per-step {args.prompts_per_step} does not split over {world} ranks: use a multiple of {world}"),
+        (sharded and args.optimizer != "adamw", f"--optimizer {args.optimizer}: bitsandbytes' 8-bit state needs whole tensors, FSDP2 shards them: use --dist ddp or --optimizer adamw"),
+        (sharded and args.lora_merge, "--lora-merge under FSDP2: merge the saved <run>/adapter afterwards (docs/grpo_vlm.md#torchrun), or use --dist ddp"),
     ]  # fmt: skip
     for bad, message in checks:
         if bad:
@@ -73,12 +81,16 @@ def start_run(args, checkpoint: str | None, state: dict | None, start_time: floa
     checkpoint dropped (they are logged again). log(record) appends one
     line to metrics.jsonl and, with --track, logs to Weights & Biases (the run's id is its directory's name, so a
     resumed run continues its wandb run); finish() closes both at the end."""
+    if dist.rank() > 0:  # under torchrun rank 0 writes: the others get its run dir and records, and log nothing
+        run_dir, records = dist.broadcast(None)
+        return run_dir, records, lambda record: None, lambda: None
     if checkpoint:
         run_dir, records = args.resume, truncate_metrics(args.resume, state["step"])
     else:
         run_dir, records = new_run_dir(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"), []
         with open(os.path.join(run_dir, "args.json"), "w") as f:  # e.g. the --total-steps a finished run reaches
             json.dump(vars(args), f, indent=1)
+    dist.broadcast((run_dir, records))
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
     name = os.path.basename(run_dir)
     if args.track:
@@ -128,14 +140,20 @@ def save_policy(model, processor, out_dir: str, lora: bool, merge: bool = False)
     """The trained policy as checkpoints on disk. Full fine-tuning: <out_dir>/model (save_pretrained). LoRA: the
     adapter alone in <out_dir>/adapter (megabytes; PeftModel.from_pretrained(base model, <out_dir>/adapter)), and
     with `merge` also <out_dir>/model, base + (alpha / r) B A folded into each weight (a plain checkpoint, no peft).
-    Merging changes `model` in place: only at the end of a run."""
+    Merging changes `model` in place: only at the end of a run. Under torchrun every rank calls it: an FSDP2 model's
+    shards are gathered into a full state dict, and rank 0 writes."""
+    state_dict = dist.full_state_dict(model)  # every rank takes part; rank 0 gets it
+    if dist.rank() > 0:
+        return
+    if state_dict is not None:  # a tied weight (lm_head = embeddings) is saved once, as save_pretrained does
+        state_dict = {k: v for k, v in state_dict.items() if k not in getattr(model, "all_tied_weights_keys", {})}
     if lora:
-        model.save_pretrained(os.path.join(out_dir, "adapter"))
+        model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=state_dict)
         processor.save_pretrained(os.path.join(out_dir, "adapter"))
         if not merge:
             return
-        model = model.merge_and_unload()
-    model.save_pretrained(os.path.join(out_dir, "model"))
+        model, state_dict = model.merge_and_unload(), None
+    model.save_pretrained(os.path.join(out_dir, "model"), state_dict=state_dict)
     processor.save_pretrained(os.path.join(out_dir, "model"))
 
 
@@ -147,7 +165,9 @@ def rng_states() -> dict:
     return states
 
 
-def set_rng_states(states: dict):
+def set_rng_states(states: list[dict]):
+    """The states rng_states gave, one per rank (saved by save_checkpoint): this rank's."""
+    states = states[dist.rank()]
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
@@ -171,16 +191,36 @@ def save_checkpoint(run_dir: str, step: int, model, processor, optimizer, lora: 
     are added here."""
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+        os.makedirs(tmp)
+    dist.barrier()
     save_policy(model, processor, tmp, lora)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save({**state, "step": step, "rng": rng_states()}, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)  # a stop right after a periodic save writes the same step again
-    os.rename(tmp, final)
-    for old in glob.glob(os.path.join(run_dir, "checkpoint-*")):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    rng = dist.gather_objects(rng_states())  # under torchrun: one per rank, each rank samples with its own
+    sharded = any(hasattr(p, "to_local") for p in model.parameters())
+    if sharded:  # FSDP2: each rank's shard of the optimizer state
+        torch.save(dist.optimizer_state(optimizer), os.path.join(tmp, f"optimizer-rank{dist.rank()}.pt"))
+    dist.barrier()
+    if dist.rank() == 0:
+        if not sharded:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save({**state, "step": step, "rng": rng, "world_size": dist.world_size()}, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)  # a stop right after a periodic save writes the same step again
+        os.rename(tmp, final)
+        for old in glob.glob(os.path.join(run_dir, "checkpoint-*")):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
+
+
+def load_optimizer(optimizer, checkpoint: str):
+    """The optimizer state of a checkpoint: optimizer.pt, or under FSDP2 this rank's optimizer-rank<r>.pt."""
+    sharded = os.path.join(checkpoint, f"optimizer-rank{dist.rank()}.pt")
+    if os.path.exists(sharded):
+        dist.load_optimizer_state(optimizer, torch.load(sharded, weights_only=True))
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -210,6 +250,8 @@ def resumed_args(args, defaults):
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in changed)
         raise SystemExit(f"--resume continues {run_dir} with the flags it was started with: drop {flags}")
+    if state.get("world_size", 1) != dist.world_size():
+        raise SystemExit(f"--resume {run_dir}: the run had {state.get('world_size', 1)} processes; resume it with as many (torchrun --nproc-per-node {state.get('world_size', 1)})")
     if read_metrics(run_dir)[-1]["step"] >= saved["total_steps"]:
         raise SystemExit(f"--resume {run_dir}: the run finished all its {saved['total_steps']} steps")
     return type(args)(**{**saved, "resume": run_dir}), checkpoint, state

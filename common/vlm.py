@@ -18,6 +18,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from common.dist import unwrap
+
 
 def image_only_processor_class(model_type: str):
     """The processor class of `model_type` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) without its video processor.
@@ -235,7 +237,8 @@ def generate(model, processor, prompts, num_samples: int, max_new_tokens: int, t
         suppress_tokens=suppressed_token_ids(processor),
         eos_token_id=eos,
         pad_token_id=eos,
-    )
+        synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,  # torchrun: every
+    )  # rank decodes until all are done (an FSDP forward is a collective)
     return out[:, prompts["input_ids"].shape[1] :]
 
 
@@ -290,7 +293,8 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     # logits at position i predict token i+1: keep the ones that predict response tokens
     T = response_ids.shape[1]
     captured = []  # hidden_states: the LM head's input, (B, T + 1, H), recorded as the forward passes it
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: captured.append(args[0])) if hidden_states else None
+    head = unwrap(model).get_output_embeddings()  # (a DDP wrapper's model)
+    hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0])) if hidden_states else None
     try:
         logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (B, T, V)
     finally:

@@ -1,0 +1,121 @@
+"""torchrun: one training step of every script under `torchrun --nproc-per-node 2` (gloo, CPU), with FSDP2 and DDP,
+equals the single-process step on the same global batch (tests/torchrun_step.py fixes the responses and rewards):
+the updated weights within 1e-5, and the logged metrics, which are global means. Includes steps where the two ranks
+keep different numbers of sequences and where one rank keeps none, and saving under FSDP2 (the full model and a LoRA
+adapter) for `from_pretrained`. Also the pieces of common/dist.py that need no process group."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import dist
+
+# (run name, script, flags, global prompt indices whose G responses are equal). 4 prompts x 4 responses: rank 0 gets
+# prompts 0-1, rank 1 prompts 2-3. "uneven": rank 0 keeps 1 group, rank 1 keeps 2; "none": rank 1 keeps none.
+FLAGS = ["--total-steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "3",
+         "--eval-size", "3", "--save-every", "0", "--lr", "0.1"]  # fmt: skip
+RUNS = [
+    *[(f"{algo}-{case}", f"algos/{algo}_vlm.py", [], equal)
+      for algo in ("grpo", "rloo", "opo", "gspo") for case, equal in (("uneven", [1]), ("none", [2, 3]))],  # fmt: skip
+    ("ppo", "algos/ppo_vlm.py", [], []),  # PPO keeps every sequence
+    ("grpo-lora", "algos/grpo_vlm.py", ["--lora"], [1]),
+]
+ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
+IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
+
+
+@pytest.fixture(scope="module")
+def steps(tiny_model_dir, repo_root, tmp_path_factory):
+    """{launch: {run name: run dir}} for launch single, fsdp, ddp: each launch runs every RUNS entry in one process
+    (or two)."""
+    root = tmp_path_factory.mktemp("dist")
+    out = {}
+    for launch in ("single", "fsdp", "ddp"):
+        runs = []
+        for name, script, flags, equal in RUNS:
+            algo = name.split("-")[0]
+            run_flags = [*FLAGS, *ONE_MINIBATCH.get(algo, []), "--model", tiny_model_dir, *flags,
+                         "--output-dir", str(root / launch / name), "--dist", "ddp" if launch == "ddp" else "fsdp"]  # fmt: skip
+            runs.append({"script": script, "flags": run_flags, "equal_groups": equal})
+        (root / f"{launch}.json").write_text(json.dumps(runs))
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        command = [*([] if launch == "single" else torchrun), *([sys.executable] if launch == "single" else []), "tests/torchrun_step.py", str(root / f"{launch}.json")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        out[launch] = {name: next((root / launch / name).iterdir()) for name, *_ in RUNS}
+    return out
+
+
+def weights(run_dir, name):
+    folder = run_dir / ("adapter" if name.endswith("lora") else "model")
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"nothing saved in {folder}"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def step_record(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+@pytest.mark.parametrize("launch", ["fsdp", "ddp"])
+@pytest.mark.parametrize("name", [r[0] for r in RUNS])
+def test_torchrun_step_equals_single_process_step(steps, launch, name, tiny_model_dir):
+    single, distributed = weights(steps["single"][name], name), weights(steps[launch][name], name)
+    assert single.keys() == distributed.keys()
+    worst = max((single[k].float() - distributed[k].float()).abs().max().item() for k in single)
+    assert worst < 1e-5, f"{name} under {launch}: weights differ by {worst}"
+    if not name.endswith("lora"):  # the step changed the weights: a wrong gradient would show
+        initial = {k: v for f in sorted(os.listdir(tiny_model_dir)) if f.endswith(".safetensors") for k, v in load_file(os.path.join(tiny_model_dir, f)).items()}
+        moved = max((single[k].float() - initial[k].float()).abs().max().item() for k in single if k in initial)
+        assert moved > 1e-4, f"{name}: the step did not change the weights"
+    # the logged metrics are global means: equal to the single process's
+    a, b = step_record(steps["single"][name]), step_record(steps[launch][name])
+    assert a.keys() == b.keys()
+    for key in a.keys() - IGNORED:
+        if a[key] is None or b[key] is None:
+            assert a[key] == b[key], key
+        else:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name, zero_groups", [("grpo-uneven", 0.25), ("grpo-none", 0.5), ("gspo-none", 0.5)])
+def test_the_scenarios_happen(steps, name, zero_groups):
+    """rank 0 keeps 1 group and rank 1 keeps 2 ("uneven"); rank 1 keeps none ("none"): the step still trains."""
+    record = step_record(steps["fsdp"][name])
+    assert record["charts/zero_advantage_groups"] == zero_groups and record["losses/loss"] is not None
+
+
+def test_fsdp_saved_model_and_adapter_reload_with_from_pretrained(steps, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(steps["fsdp"]["grpo-uneven"] / "model")
+    saved = weights(steps["fsdp"]["grpo-uneven"], "grpo-uneven")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items() if k in model.state_dict())
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    lora = PeftModel.from_pretrained(base, steps["fsdp"]["grpo-lora"] / "adapter")
+    adapters = {k: v for k, v in lora.state_dict().items() if "lora_" in k}
+    assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained, loaded
+
+
+def test_shard_and_split_map_without_torchrun():
+    assert dist.world_size() == 1 and dist.shard([1, 2, 3]) == [1, 2, 3]
+    assert dist.split_map(lambda part: [x * 2 for x in part], [1, 2, 3]) == [2, 4, 6]
+    assert dist.even_rows([4, 5]) == ([4, 5], 0) and dist.all_sum(3) == 3
+
+
+def test_check_flags_refuses_what_cannot_split(script, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = script.module.Args(prompts_per_step=3, total_steps=1, max_new_tokens=8)
+    with pytest.raises(SystemExit, match="does not split over 2 ranks"):
+        script.module.check_args(args)
+    args = script.module.Args(optimizer="adamw8bit", total_steps=1, max_new_tokens=8)
+    with pytest.raises(SystemExit, match="use --dist ddp or --optimizer adamw"):
+        script.module.check_args(args)
+

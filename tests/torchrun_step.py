@@ -1,0 +1,61 @@
+"""One training step of algos/ scripts on a fixed global batch, for tests/test_dist.py: run as one process and under
+torchrun (FSDP2, DDP), so that the test can compare the updated weights and the logged metrics.
+
+    python tests/torchrun_step.py RUNS_JSON
+    torchrun --nproc-per-node 2 tests/torchrun_step.py RUNS_JSON
+
+RUNS_JSON: a list of {"script": "algos/grpo_vlm.py", "flags": [...], "equal_groups": [global prompt indices]}; each
+run is one call of the script's main() in this process. Two things are made independent of how the prompts are split
+over ranks, and nothing else is changed:
+- the responses: not sampled but a fixed text per (the prompt's place in the step's global batch, sample index):
+  "0" or "1" followed by a few tokens; a prompt listed in equal_groups gets G equal responses, so its group's rewards
+  are equal and the script leaves it out of the update (a test picks which ranks keep how many sequences);
+- the reward: 1 for a response that starts with "1", else 0.
+And the optimizer is plain SGD, so that the updated weights show the gradient itself: Adam's first step is lr times
+the gradient's sign, where a rounding difference in a near-zero component flips the update.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import dist, tasks  # noqa: E402
+from common.vlm import stop_token_id  # noqa: E402
+
+
+def fixed_responses(equal_groups):
+    def sample(model, rollout_engine, processor, prompts, images, num_samples, max_new_tokens, temperature):
+        first = dist.rank() * len(images)  # this rank's first prompt's place in the global batch (common.dist.shard)
+        texts = []
+        for g in range(first, first + len(images)):
+            for j in range(num_samples):
+                texts.append("1" if g in equal_groups else ("1" if j % 2 else "0") + " 2" * ((g + j) % 3))
+        eos = stop_token_id(processor)
+        ids = [processor.tokenizer(t, add_special_tokens=False).input_ids + [eos] for t in texts]
+        width = max(map(len, ids))
+        return torch.tensor([row + [eos] * (width - len(row)) for row in ids])
+
+    return sample
+
+
+def main(runs_json: str):
+    for run in json.load(open(runs_json)):
+        path = run["script"]
+        name = os.path.basename(path)[: -len(".py")]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # tyro reads the Args docstrings through it
+        spec.loader.exec_module(module)
+        module.sample = fixed_responses(set(run["equal_groups"]))
+        module.make_optimizer = lambda name, params, lr: torch.optim.SGD([p for p in params if p.requires_grad], lr=lr)
+        tasks.reward_fn = lambda task, box_frame=None: lambda completion, answer, format_reward=0.0: float(completion.startswith("1"))
+        module.main(tyro.cli(module.Args, args=run["flags"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
