@@ -205,6 +205,17 @@ def broadcast(obj):
     return box[0]
 
 
+def rank0_first(fn, *args):
+    """fn(*args) on rank 0 first, then on the other ranks: for a cache that rank 0 fills (the tiny VLM is built
+    once, not by every rank at the same time)."""
+    if rank() > 0:
+        barrier()
+    out = fn(*args)
+    if rank() == 0:
+        barrier()
+    return out
+
+
 def barrier():
     if world_size() > 1:
         dist.barrier()

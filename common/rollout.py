@@ -38,7 +38,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 from transformers.utils import cached_file
 
-from common import STARTUP_DIR
+from common import STARTUP_DIR, dist
 from common.vlm import stop_token_id, suppressed_token_ids
 
 # vLLM's implementations of these import transformers' torchvision-backed Qwen2-VL image processor
@@ -114,6 +114,7 @@ def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     state = {name.replace(".base_layer.", "."): t for name, t in base.state_dict().items() if ".lora_" not in name}
+    state = {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in state.items()}  # FSDP2: gathered
     return revert_weight_conversion(base, state)
 
 
@@ -157,6 +158,8 @@ class VLLMRollout:
             engine_args["limit_mm_per_prompt"] = {"image": 1, "video": 0}
             if hasattr(processor.image_processor, "merge_size"):  # Qwen-VL: --min/--max-pixels live in `size`
                 engine_args["mm_processor_kwargs"] = {"size": dict(processor.image_processor.size)}
+        if dist.world_size() > 1:  # torchrun: one engine per rank, each a data-parallel replica sampling its own prompts
+            engine_args.update(distributed_executor_backend="external_launcher", data_parallel_size=dist.world_size())
         if on_gpu:
             engine_args.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization)
         else:

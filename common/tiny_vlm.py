@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from common import tasks
+from common import dist, tasks
 from common.vlm import (
     Qwen2VLImageOnlyProcessor,
     build_prompts,
@@ -188,7 +188,12 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
 
 
 def tiny_model_dir(task: str) -> str:
-    """Path of the embedded tiny VLM warm-started for `task`; built on first use, then cached."""
+    """Path of the embedded tiny VLM warm-started for `task`; built on first use, then cached. Under torchrun rank 0
+    builds it while the other ranks wait."""
+    return dist.rank0_first(cached_tiny_model_dir, task)
+
+
+def cached_tiny_model_dir(task: str) -> str:
     # the warm start's first images stand for how the task draws its data: a change there rebuilds the model
     images = hashlib.sha256(b"".join(e.image.tobytes() for e in tasks.load_task(task, "warmstart", 16))).hexdigest()
     recipe = [TINY, WARM_START[task], task, CHAT_TEMPLATE, tokenizer_corpus(task), images]
