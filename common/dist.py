@@ -118,6 +118,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
+    """Is it FSDP2-sharded (its forward then a collective: every rank must run it as often)?"""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)

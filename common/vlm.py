@@ -18,7 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from common.dist import unwrap
+from common.dist import is_sharded, unwrap
 
 
 def image_only_processor_class(model_type: str):
@@ -237,8 +237,8 @@ def generate(model, processor, prompts, num_samples: int, max_new_tokens: int, t
         suppress_tokens=suppressed_token_ids(processor),
         eos_token_id=eos,
         pad_token_id=eos,
-        synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,  # torchrun: every
-    )  # rank decodes until all are done (an FSDP forward is a collective)
+        synced_gpus=is_sharded(model),  # FSDP2 under torchrun: every rank decodes until all are done (a forward is a
+    )  # collective)
     return out[:, prompts["input_ids"].shape[1] :]
 
 
