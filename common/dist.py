@@ -67,7 +67,8 @@ def wrap(module: torch.nn.Module, mode: str, trainable: bool = True) -> torch.nn
     if mode == "ddp":
         if not trainable:
             return module
-        ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() and next(module.parameters()).is_cuda else None)
+        on_gpu = next(module.parameters()).is_cuda
+        ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=[torch.cuda.current_device()] if on_gpu else None)
         ddp.register_comm_hook(None, _sum_gradients)
         return ddp
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method

@@ -197,7 +197,7 @@ def save_checkpoint(run_dir: str, step: int, model, processor, optimizer, lora: 
     dist.barrier()
     save_policy(model, processor, tmp, lora)
     rng = dist.gather_objects(rng_states())  # under torchrun: one per rank, each rank samples with its own
-    sharded = any(hasattr(p, "to_local") for p in model.parameters())
+    sharded = dist.is_sharded(model)
     if sharded:  # FSDP2: each rank's shard of the optimizer state
         torch.save(dist.optimizer_state(optimizer), os.path.join(tmp, f"optimizer-rank{dist.rank()}.pt"))
     dist.barrier()

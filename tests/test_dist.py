@@ -6,6 +6,7 @@ adapter) for `from_pretrained`. Also the pieces of common/dist.py that need no p
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +54,7 @@ def steps(tiny_model_dir, repo_root, tmp_path_factory):
 
 
 def weights(run_dir, name):
+    """The saved policy's tensors: <run>/adapter for a LoRA run, else <run>/model."""
     folder = run_dir / ("adapter" if name.endswith("lora") else "model")
     files = sorted(folder.glob("*.safetensors"))
     assert files, f"nothing saved in {folder}"
@@ -68,6 +70,8 @@ def step_record(run_dir):
 def test_torchrun_step_equals_single_process_step(steps, launch, name, tiny_model_dir):
     single, distributed = weights(steps["single"][name], name), weights(steps[launch][name], name)
     assert single.keys() == distributed.keys()
+    if name == "ppo":  # the critic: a value head, sharded (or wrapped) like the actor
+        single["value_head"], distributed["value_head"] = (torch.load(steps[x][name] / "value_head.pt")["weight"] for x in ("single", launch))
     worst = max((single[k].float() - distributed[k].float()).abs().max().item() for k in single)
     assert worst < 1e-5, f"{name} under {launch}: weights differ by {worst}"
     if not name.endswith("lora"):  # the step changed the weights: a wrong gradient would show
@@ -119,3 +123,40 @@ def test_check_flags_refuses_what_cannot_split(script, monkeypatch):
     with pytest.raises(SystemExit, match="use --dist ddp or --optimizer adamw"):
         script.module.check_args(args)
 
+
+
+def torchrun(repo_root, *args, timeout=300):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_fsdp_resume_continues_the_run_exactly(repo_root, tiny_model_dir, tmp_path):
+    """A 3-step run under FSDP2 checkpointed at step 2 (each rank's optimizer shard, every rank's RNG state), resumed
+    from there: its step 3 gives the uninterrupted run's weights, bitwise."""
+    flags = ["algos/grpo_vlm.py", "--model", tiny_model_dir, "--total-steps", "3", "--save-every", "2", "--eval-size", "2",
+             "--prompts-per-step", "4", "--group-size", "4", "--output-dir", str(tmp_path)]  # fmt: skip
+    torchrun(repo_root, *flags)
+    run_dir = next(tmp_path.iterdir())
+    assert {"optimizer-rank0.pt", "optimizer-rank1.pt"} <= set(os.listdir(run_dir / "checkpoint-2"))
+    finished = weights(run_dir, "model")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if killed during step 3
+    shutil.rmtree(run_dir / "model")
+    torchrun(repo_root, "algos/grpo_vlm.py", "--resume", str(run_dir))
+    resumed = weights(run_dir, "model")
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+
+
+def test_vllm_engines_under_torchrun(repo_root, tiny_model_dir, tmp_path):
+    """One vLLM engine per rank (external_launcher, data parallel), the FSDP2-sharded LoRA policy's weights gathered
+    and merged for each push: two steps run, each rank sampling its own prompts."""
+    pytest.importorskip("vllm")
+    result = torchrun(repo_root, "algos/grpo_vlm.py", "--model", tiny_model_dir, "--rollout-engine", "vllm", "--lora",
+                      "--total-steps", "2", "--eval-size", "2", "--prompts-per-step", "4", "--group-size", "4",
+                      "--output-dir", str(tmp_path))  # fmt: skip
+    assert "rollout engine: vLLM" in result.stdout
+    records = [json.loads(line) for line in (next(tmp_path.iterdir()) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2] and records[-1]["charts/response_length"] > 0

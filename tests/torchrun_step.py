@@ -44,7 +44,9 @@ def fixed_responses(equal_groups):
 
 
 def main(runs_json: str):
-    for run in json.load(open(runs_json)):
+    with open(runs_json) as f:
+        runs = json.load(f)
+    for run in runs:
         path = run["script"]
         name = os.path.basename(path)[: -len(".py")]
         spec = importlib.util.spec_from_file_location(name, path)
