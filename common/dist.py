@@ -61,7 +61,8 @@ def wrap(module: torch.nn.Module, mode: str, trainable: bool = True) -> torch.nn
     each rank's loss is already its share of the global step.
     ddp: a DistributedDataParallel wrapper around `module`, which stays the plain model (sample, save and score
     without gradients with it; forward through the wrapper to train). Gradients are summed likewise.
-    trainable False (a frozen reference model): fsdp shards it the same way; ddp leaves it as it is."""
+    trainable False (a frozen reference model): fsdp shards it the same way, its root too freed after each forward
+    (FSDP2 keeps a root gathered for the backward that follows; a frozen model has none); ddp leaves it as it is."""
     if world_size() == 1:
         return module
     if mode == "ddp":
@@ -77,7 +78,7 @@ def wrap(module: torch.nn.Module, mode: str, trainable: bool = True) -> torch.nn
     for m in module.modules():
         if type(m).__name__ in blocks:
             fully_shard(m)
-    fully_shard(module)
+    fully_shard(module, reshard_after_forward=True if not trainable else None)  # a frozen root: freed after forward
     if hasattr(module, "generate"):
         register_fsdp_forward_method(module, "generate")
     for m in module.modules():

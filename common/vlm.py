@@ -293,7 +293,7 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     # logits at position i predict token i+1: keep the ones that predict response tokens
     T = response_ids.shape[1]
     captured = []  # hidden_states: the LM head's input, (B, T + 1, H), recorded as the forward passes it
-    head = unwrap(model).get_output_embeddings()  # (a DDP wrapper's model)
+    head = unwrap(model).get_output_embeddings() if hidden_states else None  # (a DDP wrapper's model's)
     hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0])) if hidden_states else None
     try:
         logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (B, T, V)

@@ -25,6 +25,7 @@ RUNS = [
       for algo in ("grpo", "rloo", "opo", "gspo") for case, equal in (("uneven", [1]), ("none", [2, 3]))],  # fmt: skip
     ("ppo", "algos/ppo_vlm.py", [], []),  # PPO keeps every sequence
     ("grpo-lora", "algos/grpo_vlm.py", ["--lora"], [1]),
+    ("grpo-frozen", "algos/grpo_vlm.py", ["--freeze-vision-tower"], [1]),
 ]
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
 IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
