@@ -338,9 +338,9 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 resampled_prompts += all_sum(len(empty))
                 width = max(response_ids.shape[1], new_ids.shape[1])  # both EOS-padded to one length
                 response_ids, new_ids = (F.pad(ids, (0, width - ids.shape[1]), value=stop_token_id(processor)) for ids in (response_ids, new_ids))
-                for k in informative_groups(new_rewards, G).nonzero().squeeze(1).tolist()[: len(empty)]:
-                    old_rows, new_rows = slice(empty[k] * G, empty[k] * G + G), slice(k * G, k * G + G)
-                    train_batch[empty[k]], train_rewards[old_rows], response_ids[old_rows] = new_batch[k], new_rewards[new_rows], new_ids[new_rows]
+                for slot, k in zip(empty, informative_groups(new_rewards, G).nonzero().squeeze(1).tolist()):  # in order
+                    old_rows, new_rows = slice(slot * G, slot * G + G), slice(k * G, k * G + G)
+                    train_batch[slot], train_rewards[old_rows], response_ids[old_rows] = new_batch[k], new_rewards[new_rows], new_ids[new_rows]
             if resampled_prompts:  # the refilled batch's prompts and masks
                 prompts = build_prompts(processor, [e.image for e in train_batch], [e.question for e in train_batch], args.max_prompt_tokens)
                 inputs = select(prompts.to(device), [i for i in range(len(train_batch)) for _ in range(G)])

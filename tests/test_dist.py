@@ -27,31 +27,33 @@ RUNS = [
     ("grpo-lora", "algos/grpo_vlm.py", ["--lora"], [1]),
     ("grpo-frozen", "algos/grpo_vlm.py", ["--freeze-vision-tower"], [1]),
 ]
+# Under torchrun only (a single process resamples other prompts): DAPO's dynamic sampling, rank 1's groups all equal
+# and its resampled ones too (tests/torchrun_step.py keys the responses by place), rank 0 resampling in step with it.
+TORCHRUN_ONLY = [("grpo-dynamic", "algos/grpo_vlm.py", ["--dynamic-sampling", "--max-resample-rounds", "2"], [2, 3])]
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
 IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
 
 
 @pytest.fixture(scope="module")
 def steps(tiny_model_dir, repo_root, tmp_path_factory):
-    """{launch: {run name: run dir}} for launch single, fsdp, ddp: each launch runs every RUNS entry in one process
-    (or two)."""
+    """{engine: {run name: run dir}} for engine single, fsdp, ddp: one process runs every RUNS entry, then one
+    torchrun launch runs them all with FSDP2 and then with DDP (and TORCHRUN_ONLY)."""
     root = tmp_path_factory.mktemp("dist")
-    out = {}
-    for launch in ("single", "fsdp", "ddp"):
+    engines = {"single": RUNS, "fsdp": RUNS + TORCHRUN_ONLY, "ddp": RUNS}
+    launches = {"single": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]}
+    for launch, command in launches.items():
         runs = []
-        for name, script, flags, equal in RUNS:
-            algo = name.split("-")[0]
-            run_flags = [*FLAGS, *ONE_MINIBATCH.get(algo, []), "--model", tiny_model_dir, *flags,
-                         "--output-dir", str(root / launch / name), "--dist", "ddp" if launch == "ddp" else "fsdp"]  # fmt: skip
-            runs.append({"script": script, "flags": run_flags, "equal_groups": equal})
+        for engine in ["single"] if launch == "single" else ["fsdp", "ddp"]:
+            for name, script, flags, equal in engines[engine]:
+                run_flags = [*FLAGS, *ONE_MINIBATCH.get(name.split("-")[0], []), "--model", tiny_model_dir, *flags,
+                             "--output-dir", str(root / engine / name), "--dist", "ddp" if engine == "ddp" else "fsdp"]  # fmt: skip
+                runs.append({"script": script, "flags": run_flags, "equal_groups": equal})
         (root / f"{launch}.json").write_text(json.dumps(runs))
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        command = [*([] if launch == "single" else torchrun), *([sys.executable] if launch == "single" else []), "tests/torchrun_step.py", str(root / f"{launch}.json")]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run([*command, "tests/torchrun_step.py", str(root / f"{launch}.json")], cwd=repo_root, env=env,
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        out[launch] = {name: next((root / launch / name).iterdir()) for name, *_ in RUNS}
-    return out
+    return {engine: {name: next((root / engine / name).iterdir()) for name, *_ in runs} for engine, runs in engines.items()}
 
 
 def weights(run_dir, name):
@@ -94,6 +96,13 @@ def test_the_scenarios_happen(steps, name, zero_groups):
     """rank 0 keeps 1 group and rank 1 keeps 2 ("uneven"); rank 1 keeps none ("none"): the step still trains."""
     record = step_record(steps["fsdp"][name])
     assert record["charts/zero_advantage_groups"] == zero_groups and record["losses/loss"] is not None
+
+
+def test_dynamic_sampling_under_torchrun_keeps_the_ranks_in_step(steps):
+    """Rank 1 needs 2 new groups per round, rank 0 none: both roll out 2 rounds of 2 prompts (FSDP's forwards are
+    collectives), and rank 1's groups stay all-equal, so rank 0's two groups alone train."""
+    record = step_record(steps["fsdp"]["grpo-dynamic"])
+    assert record["charts/resampled_prompts"] == 4 and record["losses/loss"] is not None
 
 
 def test_fsdp_saved_model_and_adapter_reload_with_from_pretrained(steps, tiny_model_dir):
