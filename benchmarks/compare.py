@@ -163,7 +163,7 @@ def run_once(script: str, seed: int, args: Args, flags: list[str], tag: str) -> 
             "run_dir": os.path.relpath(metrics.parent, out), "wall_s": round(wall, 2)}  # fmt: skip
     with open(out / "runs.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
-    return Run(seed, records, wall)
+    return Run(seed, records, line["wall_s"])  # as a rerun reads it from runs.jsonl: the same table either way
 
 
 def main(args: Args, flags: list[str], command: str) -> int:

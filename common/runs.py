@@ -165,9 +165,10 @@ def rng_states() -> dict:
     return states
 
 
-def set_rng_states(states: list[dict]):
-    """The states rng_states gave, one per rank (saved by save_checkpoint): this rank's."""
-    states = states[dist.rank()]
+def set_rng_states(states: list[dict] | dict):
+    """The states rng_states gave, one per rank (saved by save_checkpoint): this rank's. (A checkpoint written before
+    torchrun support holds one dict.)"""
+    states = states if isinstance(states, dict) else states[dist.rank()]
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
