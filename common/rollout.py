@@ -9,9 +9,10 @@ sampling distribution (temperature, no top-k/top-p, the same suppressed special 
 with EOS after EOS. The trainer still recomputes every log-prob itself; vLLM only samples.
 
 Where the engine runs: in the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: one engine core and one
-worker, no extra process), so the worker reads the trainer's weight tensors directly. We do not use
-`distributed_executor_backend="external_launcher"`: it is for torchrun jobs where every trainer rank hosts one
-shard of the engine; a single-device script needs no torch.distributed group.
+worker, no extra process), so the worker reads the trainer's weight tensors directly. A single process needs no
+torch.distributed group. Under torchrun (common/dist.py) each rank hosts its own whole engine, one data-parallel
+replica of vLLM's `distributed_executor_backend="external_launcher"` (the torchrun job is the launcher), which
+samples that rank's prompts; an FSDP2-sharded policy's weights are gathered for each push.
 Which implementation: vLLM's own (native) one where it runs. Without a working torchvision (this project's CPU
 machines) vLLM's Qwen-VL code cannot import (it uses transformers' torchvision-backed image processor), so for
 those the engine uses vLLM's Transformers backend, which runs transformers' own Qwen-VL classes with vLLM's
