@@ -160,7 +160,7 @@ def all_sum(x):
 
 def all_mean(x):
     """Mean of a tensor or number over ranks: the global mean of a per-rank mean over equally many items."""
-    return all_sum(x) / world_size() if world_size() > 1 else x
+    return all_sum(x) / world_size()
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,15 @@ RUNS = [
 TORCHRUN_ONLY = [("grpo-dynamic", "algos/grpo_vlm.py", ["--dynamic-sampling", "--max-resample-rounds", "2"], [2, 3])]
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
 IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def run(repo_root, *command, timeout=600):
+    """`command` in the repo, one thread per process, offline; it must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,7 @@ def steps(tiny_model_dir, repo_root, tmp_path_factory):
     torchrun launch runs them all with FSDP2 and then with DDP (and TORCHRUN_ONLY)."""
     root = tmp_path_factory.mktemp("dist")
     engines = {"single": RUNS, "fsdp": RUNS + TORCHRUN_ONLY, "ddp": RUNS}
-    launches = {"single": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]}
+    launches = {"single": [sys.executable], "torchrun": TORCHRUN}
     for launch, command in launches.items():
         runs = []
         for engine in ["single"] if launch == "single" else ["fsdp", "ddp"]:
@@ -49,10 +58,7 @@ def steps(tiny_model_dir, repo_root, tmp_path_factory):
                              "--output-dir", str(root / engine / name), "--dist", "ddp" if engine == "ddp" else "fsdp"]  # fmt: skip
                 runs.append({"script": script, "flags": run_flags, "equal_groups": equal})
         (root / f"{launch}.json").write_text(json.dumps(runs))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run([*command, "tests/torchrun_step.py", str(root / f"{launch}.json")], cwd=repo_root, env=env,
-                                capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        run(repo_root, *command, "tests/torchrun_step.py", str(root / f"{launch}.json"))
     return {engine: {name: next((root / engine / name).iterdir()) for name, *_ in runs} for engine, runs in engines.items()}
 
 
@@ -135,27 +141,19 @@ def test_check_flags_refuses_what_cannot_split(script, monkeypatch):
 
 
 
-def torchrun(repo_root, *args, timeout=300):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
 def test_fsdp_resume_continues_the_run_exactly(repo_root, tiny_model_dir, tmp_path):
     """A 3-step run under FSDP2 checkpointed at step 2 (each rank's optimizer shard, every rank's RNG state), resumed
     from there: its step 3 gives the uninterrupted run's weights, bitwise."""
     flags = ["algos/grpo_vlm.py", "--model", tiny_model_dir, "--total-steps", "3", "--save-every", "2", "--eval-size", "2",
              "--prompts-per-step", "4", "--group-size", "4", "--output-dir", str(tmp_path)]  # fmt: skip
-    torchrun(repo_root, *flags)
+    run(repo_root, *TORCHRUN, *flags)
     run_dir = next(tmp_path.iterdir())
     assert {"optimizer-rank0.pt", "optimizer-rank1.pt"} <= set(os.listdir(run_dir / "checkpoint-2"))
     finished = weights(run_dir, "model")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if killed during step 3
     shutil.rmtree(run_dir / "model")
-    torchrun(repo_root, "algos/grpo_vlm.py", "--resume", str(run_dir))
+    run(repo_root, *TORCHRUN, "algos/grpo_vlm.py", "--resume", str(run_dir))
     resumed = weights(run_dir, "model")
     assert all(torch.equal(finished[k], resumed[k]) for k in finished)
 
@@ -164,7 +162,7 @@ def test_vllm_engines_under_torchrun(repo_root, tiny_model_dir, tmp_path):
     """One vLLM engine per rank (external_launcher, data parallel), the FSDP2-sharded LoRA policy's weights gathered
     and merged for each push: two steps run, each rank sampling its own prompts."""
     pytest.importorskip("vllm")
-    result = torchrun(repo_root, "algos/grpo_vlm.py", "--model", tiny_model_dir, "--rollout-engine", "vllm", "--lora",
+    result = run(repo_root, *TORCHRUN, "algos/grpo_vlm.py", "--model", tiny_model_dir, "--rollout-engine", "vllm", "--lora",
                       "--total-steps", "2", "--eval-size", "2", "--prompts-per-step", "4", "--group-size", "4",
                       "--output-dir", str(tmp_path))  # fmt: skip
     assert "rollout engine: vLLM" in result.stdout
