@@ -11,6 +11,7 @@ values into per-token advantages. Several epochs of clipped updates over minibat
     python algos/ppo_vlm.py --task counting                      # embedded tiny VLM, laptop CPU, offline
     python algos/ppo_vlm.py --task math                          # ... numbers drawn in the image, \\boxed{} sums
     python algos/ppo_vlm.py --task grounding                     # ... boxes, reward = IoU
+    python algos/ppo_vlm.py --task zoom                          # ... agentic: a zoom tool, several turns per episode
     python algos/ppo_vlm.py --task counting --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lora --lr 1e-5 --max-new-tokens 256 --track
     torchrun --nproc-per-node 8 algos/ppo_vlm.py --task counting --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2
@@ -38,7 +39,7 @@ from common.policy import load_policy, micro_batch_logprobs, micro_batches, refe
 from common.rollout import make_rollout_engine  # noqa: E402
 from common.runs import StopSignals, check_flags, latest_checkpoint, load_optimizer, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
 from common.tiny_vlm import tiny_model_dir  # noqa: E402
-from common.vlm import box_frame, build_prompts, greedy_rewards, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
+from common.vlm import box_frame, build_prompts, greedy_rewards, select, suppressed_token_ids  # noqa: E402
 
 
 @dataclass
@@ -63,9 +64,10 @@ class Args:
     """continue the run in this run directory from its latest checkpoint, with the flags it was started with"""
 
     # Task and model
-    task: Literal["counting", "math", "grounding"] = "counting"
-    """which task: counting, math (sum of drawn numbers; Geometry3K with --dataset) or grounding (box of a
-    described object; RefCOCO with --dataset)"""
+    task: Literal["counting", "math", "grounding", "zoom", "mat-search", "mat-coding"] = "counting"
+    """which task: counting, math (sum of drawn numbers; Geometry3K with --dataset), grounding (box of a described
+    object; RefCOCO with --dataset), zoom (agentic: the answer needs a tool call) or mat-search / mat-coding (agentic,
+    --dataset only: a search tool, a sandboxed Python tool; docs/tasks.md#agentic-tasks)"""
     dataset: str | None = None
     """a real dataset (hub id or local dir) in the task's schema; default: the task's offline synthetic twin"""
     model: str = "tiny"
@@ -112,6 +114,11 @@ class Args:
     """response length limit in tokens (default: enough for the synthetic task's answer: 8, or 24 for grounding)"""
     max_prompt_tokens: int = 512
     """longest prompt allowed, image tokens included (never truncated: too long is an error)"""
+    max_turns: int = 3
+    """agentic tasks: model turns per episode at most (each up to --max-new-tokens; a tool's result comes between two)"""
+    train_turns: Literal["all", "last"] = "all"
+    """agentic tasks: train every model-written token of every turn (all), or only the last turn's (last: RLLaVA's way,
+    an ablation); tool-written tokens are never trained on"""
     temperature: float = 1.0
     """sampling temperature (log-probs are computed at the same temperature)"""
     lr: float = 2e-4
@@ -160,7 +167,8 @@ class Args:
 
 
 # ALGO LOGIC: the heart of PPO, pure functions (tests/test_ppo_math.py pins them). Tensors are (N, T): N responses,
-# T response positions; mask is 1 on each response's tokens (a prefix: up to and including its end-of-turn token).
+# T response positions; mask is 1 on each response's model-written tokens (up to and including its end-of-turn token;
+# in an agentic episode, every model turn's, the tool's turns between them 0).
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total=lambda t: t) -> torch.Tensor:
     """Mean of x over positions where mask == 1 (padding and tokens after EOS do not count). `total` sums over
     every rank's batch (common/dist.all_sum, under torchrun: the batch's mean, not this rank's part's)."""
@@ -182,7 +190,7 @@ def token_rewards(rewards: torch.Tensor, old_logprobs, ref_logprobs, mask, beta:
         r_T = r_T + R                                   the task reward R on the last response token
     rewards: (N,), one per response. Returns (N, T), 0 where mask == 0."""
     per_token = -beta * (old_logprobs - ref_logprobs) * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # index of each response's last token
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # index of each response's last trained token
     return per_token.scatter_add(1, last.unsqueeze(1), rewards.unsqueeze(1).to(per_token.dtype))
 
 
@@ -191,7 +199,9 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, g
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)         V after the last response token = 0
         A_t     = delta_t + gamma * lam * A_{t+1}
         returns_t = A_t + V(s_t)                            the value head's regression target
-    Positions where mask == 0 get A = returns = 0. Not whitened (whiten is a separate step).
+    Positions where mask == 0 get A = returns = 0 and are skipped: after a response's last token V = 0, and an agentic
+    episode's tool turn (common/agent.py) is the environment's move, so s_{t+1} of a turn's last token is the next
+    turn's first. Not whitened (whiten is a separate step).
     Returns (advantages, returns), both (N, T)."""
     N, T = token_rewards.shape
     advantages = torch.zeros_like(token_rewards)
@@ -200,7 +210,9 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, g
     for t in reversed(range(T)):
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
-        next_value, next_advantage = values[:, t] * mask[:, t], advantages[:, t]  # 0 past the last token
+        trained = mask[:, t].bool()  # masked positions (padding, tool tokens) pass the next token's on unchanged
+        next_value = torch.where(trained, values[:, t], next_value)
+        next_advantage = torch.where(trained, advantages[:, t], next_advantage)
     return advantages, (advantages + values) * mask
 
 
@@ -324,27 +336,26 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         load_optimizer(optimizer, checkpoint)
     if world_size() > 1:
         torch.manual_seed(args.seed + rank())  # the same initial weights everywhere, each rank's own sampling noise
-    rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_prompt_tokens + args.max_new_tokens)
+    rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_turns * (args.max_prompt_tokens + args.max_new_tokens), args.max_turns)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
     print(memory_plan(model, optimizer, reference, engine_bytes))  # each tensor once: a LoRA reference is the policy
     reward_fn = tasks.reward_fn(args.task, box_frame(model, processor))  # grounding: boxes in the family's frame
+    tools = tasks.tools(args.task)  # agentic tasks: the tools an episode may call (None: one-turn responses)
     suppressed = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
 
     # TRY NOT TO MODIFY: the run directory (a new one, or the resumed one) and logging
     run_dir, records, log, finish = start_run(args, checkpoint, state, start_time)
 
     # TRY NOT TO MODIFY: rollout (HF generate or vLLM) and reward (the task's rule on the decoded text), evaluation
-    def rollout(batch):  # G responses to each prompt, ordered p0 x G, p1 x G, ...: left-padded prompts, (B*G, T), (B*G,)
-        images = [e.image for e in batch]
-        prompts = build_prompts(processor, images, [e.question for e in batch], args.max_prompt_tokens).to(device)
-        response_ids = sample(model, rollout_engine, processor, prompts, images, args.group_size, args.max_new_tokens, args.temperature)
-        completions = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    def rollout(batch):  # G responses (or episodes) per prompt, ordered p0 x G, p1 x G, ...: see common/policy.sample
+        prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], args.max_prompt_tokens).to(device)
+        inputs, response_ids, mask, completions, tool_calls = sample(model, rollout_engine, processor, prompts, batch, args.group_size, args.max_new_tokens, args.temperature, tools, args.max_turns, args.train_turns)
         answers = [e.answer for e in batch for _ in range(args.group_size)]
         rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
-        return prompts, response_ids, rewards
+        return inputs, response_ids, mask, rewards, tool_calls  # mask (B*G, T): 1 on the model-written tokens trained on
 
     def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding), split over ranks
-        rewards = split_map(lambda part: greedy_rewards(model, processor, part, reward_fn, args.max_new_tokens, args.max_prompt_tokens), eval_examples)
+        rewards = split_map(lambda part: greedy_rewards(model, processor, part, reward_fn, args.max_new_tokens, args.max_prompt_tokens, tools=tools, max_turns=args.max_turns), eval_examples)
         return tasks.summarize(args.task, rewards, "eval")
 
     # ALGO LOGIC: a checkpoint holds the value head too (in state.pt; the optimizer state already covers it)
@@ -374,9 +385,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
 
             # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts (under torchrun, this rank's B / N)
             batch, G = shard(random.sample(train_examples, args.prompts_per_step)), args.group_size
-            prompts, response_ids, rewards = rollout(batch)  # rewards: (B*G,)
-            mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
-            inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
+            inputs, response_ids, mask, rewards, tool_calls = rollout(batch)  # rewards: (B*G,)
 
             # ALGO LOGIC: log-probs and values under the sampling policy (one forward of the shared trunk, no gradients),
             # log-probs under the reference; recomputed by the trainer, not taken from the rollout engine
@@ -438,7 +447,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             }
 
             # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
-            rewards, response_lengths = gather(rewards), gather(response_lengths)
+            rewards, response_lengths, tool_calls = gather(rewards), gather(response_lengths), gather(tool_calls)
             loss, kl, clipfrac, entropy = stats.tolist()
             record = {
                 "step": step,
@@ -448,6 +457,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 "charts/reward_std": rewards.std().item(),
                 **tasks.summarize(args.task, rewards.tolist(), "charts"),  # charts/accuracy (+ charts/iou)
                 "charts/response_length": response_lengths.mean().item(),
+                "charts/tool_calls": tool_calls.mean().item(),  # per episode (agentic tasks)
                 "charts/zero_advantage_groups": zero_advantage_groups,
                 "charts/step_time": round(time.time() - step_start, 3),
                 "charts/tokens_per_second": response_lengths.sum().item() / (time.time() - step_start),

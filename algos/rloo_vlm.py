@@ -8,6 +8,7 @@ beats the mean reward of the other G - 1: a baseline that does not contain the r
     python algos/rloo_vlm.py --task counting                      # embedded tiny VLM, laptop CPU, offline
     python algos/rloo_vlm.py --task math                          # ... numbers drawn in the image, \\boxed{} sums
     python algos/rloo_vlm.py --task grounding                     # ... boxes, reward = IoU
+    python algos/rloo_vlm.py --task zoom                          # ... agentic: a zoom tool, several turns per episode
     python algos/rloo_vlm.py --task counting --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --dataset BUAADreamer/clevr_count_70k --dtype bfloat16 --lora --lr 1e-5 --max-new-tokens 256 --track
     torchrun --nproc-per-node 8 algos/rloo_vlm.py --task counting --model Qwen/Qwen2.5-VL-7B-Instruct ...   # FSDP2
@@ -35,7 +36,7 @@ from common.policy import load_policy, micro_batch_logprobs, micro_batches, refe
 from common.rollout import make_rollout_engine  # noqa: E402
 from common.runs import StopSignals, check_flags, latest_checkpoint, load_optimizer, resumed_args, save_checkpoint, save_policy, set_rng_states, start_run  # noqa: E402
 from common.tiny_vlm import tiny_model_dir  # noqa: E402
-from common.vlm import box_frame, build_prompts, greedy_rewards, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
+from common.vlm import box_frame, build_prompts, greedy_rewards, select, suppressed_token_ids  # noqa: E402
 
 
 @dataclass
@@ -60,9 +61,10 @@ class Args:
     """continue the run in this run directory from its latest checkpoint, with the flags it was started with"""
 
     # Task and model
-    task: Literal["counting", "math", "grounding"] = "counting"
-    """which task: counting, math (sum of drawn numbers; Geometry3K with --dataset) or grounding (box of a
-    described object; RefCOCO with --dataset)"""
+    task: Literal["counting", "math", "grounding", "zoom", "mat-search", "mat-coding"] = "counting"
+    """which task: counting, math (sum of drawn numbers; Geometry3K with --dataset), grounding (box of a described
+    object; RefCOCO with --dataset), zoom (agentic: the answer needs a tool call) or mat-search / mat-coding (agentic,
+    --dataset only: a search tool, a sandboxed Python tool; docs/tasks.md#agentic-tasks)"""
     dataset: str | None = None
     """a real dataset (hub id or local dir) in the task's schema; default: the task's offline synthetic twin"""
     model: str = "tiny"
@@ -109,6 +111,11 @@ class Args:
     """response length limit in tokens (default: enough for the synthetic task's answer: 8, or 24 for grounding)"""
     max_prompt_tokens: int = 512
     """longest prompt allowed, image tokens included (never truncated: too long is an error)"""
+    max_turns: int = 3
+    """agentic tasks: model turns per episode at most (each up to --max-new-tokens; a tool's result comes between two)"""
+    train_turns: Literal["all", "last"] = "all"
+    """agentic tasks: train every model-written token of every turn (all), or only the last turn's (last: RLLaVA's way,
+    an ablation); tool-written tokens are never trained on"""
     temperature: float = 1.0
     """sampling temperature (log-probs are computed at the same temperature)"""
     lr: float = 2e-4
@@ -235,27 +242,26 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
         load_optimizer(optimizer, checkpoint)
     if world_size() > 1:
         torch.manual_seed(args.seed + rank())  # the same initial weights everywhere, each rank's own sampling noise
-    rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_prompt_tokens + args.max_new_tokens)
+    rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype), args.seed, args.max_turns * (args.max_prompt_tokens + args.max_new_tokens), args.max_turns)
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
     print(memory_plan(model, optimizer, reference, engine_bytes))  # each tensor once: a LoRA reference is the policy
     reward_fn = tasks.reward_fn(args.task, box_frame(model, processor))  # grounding: boxes in the family's frame
+    tools = tasks.tools(args.task)  # agentic tasks: the tools an episode may call (None: one-turn responses)
     suppressed = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
 
     # TRY NOT TO MODIFY: the run directory (a new one, or the resumed one) and logging
     run_dir, records, log, finish = start_run(args, checkpoint, state, start_time)
 
     # TRY NOT TO MODIFY: rollout (HF generate or vLLM) and reward (the task's rule on the decoded text), evaluation
-    def rollout(batch):  # G responses to each prompt, ordered p0 x G, p1 x G, ...: left-padded prompts, (B*G, T), (B*G,)
-        images = [e.image for e in batch]
-        prompts = build_prompts(processor, images, [e.question for e in batch], args.max_prompt_tokens).to(device)
-        response_ids = sample(model, rollout_engine, processor, prompts, images, args.group_size, args.max_new_tokens, args.temperature)
-        completions = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    def rollout(batch):  # G responses (or episodes) per prompt, ordered p0 x G, p1 x G, ...: see common/policy.sample
+        prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], args.max_prompt_tokens).to(device)
+        inputs, response_ids, mask, completions, tool_calls = sample(model, rollout_engine, processor, prompts, batch, args.group_size, args.max_new_tokens, args.temperature, tools, args.max_turns, args.train_turns)
         answers = [e.answer for e in batch for _ in range(args.group_size)]
         rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(completions, answers)])  # (B*G,)
-        return prompts, response_ids, rewards
+        return inputs, response_ids, mask, rewards, tool_calls  # mask (B*G, T): 1 on the model-written tokens trained on
 
     def evaluate():  # held-out metrics with greedy decoding: eval/accuracy (and eval/iou for grounding), split over ranks
-        rewards = split_map(lambda part: greedy_rewards(model, processor, part, reward_fn, args.max_new_tokens, args.max_prompt_tokens), eval_examples)
+        rewards = split_map(lambda part: greedy_rewards(model, processor, part, reward_fn, args.max_new_tokens, args.max_prompt_tokens, tools=tools, max_turns=args.max_turns), eval_examples)
         return tasks.summarize(args.task, rewards, "eval")
 
     def checkpoint_now(step):
@@ -282,9 +288,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
 
             # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts (under torchrun, this rank's B / N)
             batch, G = shard(random.sample(train_examples, args.prompts_per_step)), args.group_size
-            prompts, response_ids, rewards = rollout(batch)  # rewards: (B*G,)
-            mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T): 1 up to the end-of-turn token
-            inputs = select(prompts, [i for i in range(len(batch)) for _ in range(G)])  # each prompt G times
+            inputs, response_ids, mask, rewards, tool_calls = rollout(batch)  # rewards: (B*G,)
 
             # ALGO LOGIC: advantage, reward minus the mean reward of the group's other responses, one per sequence
             advantages = rloo_advantages(rewards, G).to(device)  # (B*G,)
@@ -330,7 +334,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
             stats = all_sum(stats)  # each rank's share of the global step's
 
             # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
-            rewards, response_lengths = gather(rewards), gather(response_lengths)
+            rewards, response_lengths, tool_calls = gather(rewards), gather(response_lengths), gather(tool_calls)
             loss, kl, clipfrac, entropy = stats.tolist()
             record = {
                 "step": step,
@@ -340,6 +344,7 @@ def train(args: Args, checkpoint: str | None, state: dict | None, stop: StopSign
                 "charts/reward_std": rewards.std().item(),
                 **tasks.summarize(args.task, rewards.tolist(), "charts"),  # charts/accuracy (+ charts/iou)
                 "charts/response_length": response_lengths.mean().item(),
+                "charts/tool_calls": tool_calls.mean().item(),  # per episode (agentic tasks)
                 "charts/zero_advantage_groups": zero_advantage_groups,
                 "charts/step_time": round(time.time() - step_start, 3),
                 "charts/tokens_per_second": response_lengths.sum().item() / (time.time() - step_start),

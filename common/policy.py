@@ -6,9 +6,10 @@ import re
 
 import torch
 
+from common.agent import episode_batch, run_episodes
 from common.dist import wrap
 from common.runs import weights_fingerprint
-from common.vlm import generate, load_vlm, response_logprobs, select, vision_tower
+from common.vlm import generate, load_vlm, response_logprobs, response_mask, select, stop_token_id, vision_tower
 
 
 def load_policy(args, model_path: str, checkpoint: str | None, state: dict | None, device: str):
@@ -65,17 +66,29 @@ def prepare_policy(model, freeze_vision_tower: bool = False, gradient_checkpoint
     return model.train()
 
 
-def sample(model, rollout_engine, processor, prompts, images, num_samples: int, max_new_tokens: int, temperature: float):
-    """num_samples responses per prompt, ordered p0 x G, p1 x G, ...: (B*G, T) ids, EOS-padded after EOS. With HF
-    generate (rollout_engine None), or with the co-located vLLM engine (wake, push the current weights, sample,
-    sleep; common/rollout.py)."""
+def sample(model, rollout_engine, processor, prompts, examples, num_samples: int, max_new_tokens: int, temperature: float,
+           tools: dict | None = None, max_turns: int = 1, train_turns: str = "all"):  # fmt: skip
+    """num_samples responses per prompt, ordered p0 x G, p1 x G, ..., sampled with HF generate (rollout_engine None)
+    or the co-located vLLM engine (wake, push the current weights, sample, sleep; common/rollout.py). With tools, each
+    is a multi-turn episode (common/agent.py). Returns (inputs, response_ids, mask, completions, tool_calls): inputs,
+    the prompts (B*G rows, each with its episode's images); response_ids, mask (B*G, T): mask 1 on the model-written
+    tokens trained on (up to the end-of-turn token; an episode's tool turns 0); completions, the texts the reward
+    reads (an episode's last turn); tool_calls (B*G,), how many tool calls each made."""
     model.eval()
-    if rollout_engine is None:
-        response_ids = generate(model, processor, prompts, num_samples, max_new_tokens, temperature, greedy=False)
+    images, rows = [e.image for e in examples], [i for i in range(len(examples)) for _ in range(num_samples)]
+    if tools:
+        episodes = run_episodes(model, rollout_engine, processor, prompts, images, examples, num_samples, max_new_tokens, temperature, False, tools, max_turns)
+        inputs, response_ids, mask = episode_batch(prompts, episodes, stop_token_id(processor), train_turns)
+        completions, tool_calls = [e.answer for e in episodes], torch.tensor([float(e.tool_calls) for e in episodes])
     else:
-        response_ids = rollout_engine.generate(model, prompts, images, num_samples, max_new_tokens, temperature, greedy=False)
+        if rollout_engine is None:
+            response_ids = generate(model, processor, prompts, num_samples, max_new_tokens, temperature, greedy=False)
+        else:
+            response_ids = rollout_engine.generate(model, prompts, images, num_samples, max_new_tokens, temperature, greedy=False)
+        inputs, mask = select(prompts, rows), response_mask(response_ids, stop_token_id(processor))
+        completions, tool_calls = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True), torch.zeros(len(rows))
     model.train()
-    return response_ids
+    return inputs, response_ids, mask, completions, tool_calls
 
 
 def micro_batches(n: int, size: int) -> list[slice]:

@@ -127,11 +127,13 @@ class VLLMRollout:
         dtype: torch.dtype,
         seed: int,
         max_model_len: int,
+        max_images: int = 1,
         gpu_memory_utilization: float = 0.3,
         cpu_kv_cache_bytes: int = 1 << 30,
         sleep_level: int = 1,
     ):
         """model_path: the checkpoint the trainer loaded (its config, tokenizer and processor are vLLM's too).
+        max_images: images per prompt at most (an agentic episode's context gains one per image a tool returns).
         gpu_memory_utilization: fraction of the GPU vLLM may take for its weights and KV cache; the trainer
         needs the rest. cpu_kv_cache_bytes: KV cache size on CPU. sleep_level: 1 offloads the weights to CPU
         memory while training, 2 discards them (safe here: every wake-up reloads all of them from the
@@ -150,13 +152,14 @@ class VLLMRollout:
         engine_args = dict(
             dtype=str(dtype).removeprefix("torch."),
             seed=seed,
-            max_model_len=max_model_len,
+            # an agentic episode's bound (turns x (prompt + response)) may pass the model's positions; none can be used
+            max_model_len=min(max_model_len, config.get_text_config().max_position_embeddings),
             generation_config="vllm",  # no sampling defaults from the checkpoint: only what generate() asks
             logprobs_mode="processed_logprobs",  # returned log-probs (when asked for) are of the sampled distribution
             enable_prefix_caching=True,  # the G samples of a prompt share its KV cache
         )
         if is_vlm:
-            engine_args["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+            engine_args["limit_mm_per_prompt"] = {"image": max_images, "video": 0}
             if hasattr(processor.image_processor, "merge_size"):  # Qwen-VL: --min/--max-pixels live in `size`
                 engine_args["mm_processor_kwargs"] = {"size": dict(processor.image_processor.size)}
         if dist.world_size() > 1:  # torchrun: one engine per rank, each a data-parallel replica sampling its own prompts
@@ -266,7 +269,8 @@ class VLLMRollout:
     @torch.no_grad()
     def generate(self, model, prompts, images, num_samples: int, max_new_tokens: int, temperature: float, greedy: bool):
         """`num_samples` responses per prompt from the trainer's current `model`. prompts: the processor batch
-        (B, P) of common.vlm.build_prompts; images: its B images (None for a text-only model). Returns response
+        (B, P) of common.vlm.build_prompts; images: its B images, or a list of each prompt's images (an agentic
+        episode's context, common/agent.py), None for a text-only model. Returns response
         ids (B*G, T), ordered p0 x G, p1 x G, ..., padded with EOS after EOS, on the prompts' device."""
         self.llm.wake_up(tags=["weights"])
         self.push_weights(model)
@@ -289,7 +293,7 @@ class VLLMRollout:
         return response_ids.to(prompts["input_ids"].device)
 
 
-def make_rollout_engine(choice: str, model_path: str, processor, dtype: torch.dtype, seed: int, max_model_len: int):
+def make_rollout_engine(choice: str, model_path: str, processor, dtype: torch.dtype, seed: int, max_model_len: int, max_images: int = 1):
     """--rollout-engine: 'hf' → None (HF generate); 'vllm' → a VLLMRollout; 'auto' → a VLLMRollout when vLLM
     is installed and there is a GPU, else None (on CPU, HF generate is the faster one: benchmarks/rollout.py).
     Prints one line saying which."""
@@ -307,6 +311,6 @@ def make_rollout_engine(choice: str, model_path: str, processor, dtype: torch.dt
             raise SystemExit(f"--rollout-engine vllm: {reason}")
         print(f"rollout engine: HF generate ({reason})")
         return None
-    engine = VLLMRollout(model_path, processor, dtype, seed, max_model_len)
+    engine = VLLMRollout(model_path, processor, dtype, seed, max_model_len, max_images)
     print(f"rollout engine: vLLM ({'native' if engine.native else 'Transformers backend'}, in the training process)")
     return engine

@@ -9,29 +9,41 @@ math: two numbers drawn in the image, "Add the two numbers."; answer in `\\boxed
 grounding: "Where is the red circle?" in a scene of shapes; answer `<answer>[x1, y1, x2, y2]</answer>` in the
   model family's box convention; reward = IoU with the true box (continuous), success = IoU >= 0.5.
   real: lmms-lab/RefCOCO schema (`image`, `answer`: list of referring expressions, `bbox`: COCO [x, y, w, h]).
+zoom (agentic, common/agent.py): four face-down cards in a 2x2 scene, one red; "Which number is on the red card?";
+  only the tool `zoom(k)`, called as `<tool>zoom(k)</tool>`, shows card k's digit. Answer `<answer>N</answer>`.
 """
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import re
+import unicodedata
+import urllib.parse
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("counting", "math", "grounding")
+TASKS = ("counting", "math", "grounding", "zoom", "mat-search", "mat-coding")
 ANSWER_FORMAT = "Answer with <answer>N</answer>."
 COUNTING_QUESTION = "How many shapes?"
 MATH_QUESTION = "Add the two numbers."
 BOXED_FORMAT = "Put the final answer in \\boxed{}."
 GROUNDING_QUESTION = "Locate {}."  # {} = a referring expression, e.g. "the red circle"
 BOX_FORMAT = "Answer with <answer>[x1, y1, x2, y2]</answer>."
-MAX_NEW_TOKENS = {"counting": 8, "math": 8, "grounding": 24}  # enough for the synthetic twins' answers
-TOTAL_STEPS = {"counting": 400, "math": 450, "grounding": 250}  # the tiny model's default budget: ~10 min on 2 cores
-SUCCESS = {"counting": 1.0, "math": 1.0, "grounding": 0.5}  # reward from which an answer counts as right
+ZOOM_QUESTION = "Which number is on the red card?"
+ZOOM_FORMAT = "See card k with <tool>zoom(k)</tool>, k 1-4. Answer with <answer>N</answer>."
+# enough for the synthetic twins' answers (an agentic task's: per turn); MAT's turns hold a thought and a call
+MAX_NEW_TOKENS = {"counting": 8, "math": 8, "grounding": 24, "zoom": 10, "mat-search": 512, "mat-coding": 512}
+# the tiny model's budget, ~10 min on 2 cores; MAT's (a GPU's) a first guess, unmeasured
+TOTAL_STEPS = {"counting": 400, "math": 450, "grounding": 250, "zoom": 300, "mat-search": 200, "mat-coding": 400}
+SUCCESS = {"counting": 1.0, "math": 1.0, "grounding": 0.5, "zoom": 1.0, "mat-search": 1.0, "mat-coding": 1.0}  # reward from which an answer counts as right
+F1_TASKS = ("mat-search", "mat-coding")  # rewarded by token F1: their eval logs the mean F1 too
 
 # Disjoint seed streams: a scene's seed is (split offset + index), so held-out scenes are never trained on.
 SPLIT_SEED_OFFSET = {"train": 0, "warmstart": 1_000_000_000, "eval": 2_000_000_000}
@@ -89,13 +101,7 @@ def draw_scene(seed: int, spec: SceneSpec = SceneSpec()):
     image = Image.new("RGB", (spec.image_size, spec.image_size), (128, 128, 128))
     draw = ImageDraw.Draw(image)
     if spec.cell and spec.cell_shades:
-        n = spec.image_size // spec.cell
-        for c in range(n * n):
-            column, row = c % n, c // n
-            grey = 80 + 96 * column // max(n - 1, 1)  # the column sets the brightness,
-            tint = 24 - 48 * row // max(n - 1, 1)  # the row the tint: warm at the top, cool at the bottom
-            x0, y0 = column * spec.cell, row * spec.cell
-            draw.rectangle((x0, y0, x0 + spec.cell - 1, y0 + spec.cell - 1), fill=(grey + tint, grey, grey - tint))
+        shade_cells(draw, spec.image_size // spec.cell, spec.cell)
     for shape, colour, r, x, y in objects:
         box, fill = (x - r, y - r, x + r, y + r), COLORS[colour]
         if shape == "circle":
@@ -105,6 +111,17 @@ def draw_scene(seed: int, spec: SceneSpec = SceneSpec()):
         else:
             draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
     return image, objects
+
+
+def shade_cells(draw, n: int, cell: int):
+    """A "tiled floor": each of n x n cells gets its own background shade, so that a vision tower with only relative
+    positions can tell the cells apart (see GROUNDING_SCENE)."""
+    for c in range(n * n):
+        column, row = c % n, c // n
+        grey = 80 + 96 * column // max(n - 1, 1)  # the column sets the brightness,
+        tint = 24 - 48 * row // max(n - 1, 1)  # the row the tint: warm at the top, cool at the bottom
+        x0, y0 = column * cell, row * cell
+        draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=(grey + tint, grey, grey - tint))
 
 
 def in_eval_bucket(image: Image.Image) -> bool:
@@ -190,6 +207,300 @@ def grounding_examples(split: str, n: int, image_size: int = 64):
         answer = json.dumps({"box": [round(v, 2) for v in (x - r, y - r, x + r, y + r)], "image_size": list(image.size)})
         out.append(Example(image, f"{GROUNDING_QUESTION.format(f'the {colour} {shape}')} {BOX_FORMAT}", answer, seed - 1))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- zoom (agentic)
+# The digit is drawn only on the zoomed card, so the task needs the tool: without it accuracy is 0.20 (5 digits),
+# with a random zoom 0.25 (the 4 cards' digits differ). Cards sit on grounding's tiled floor (shade_cells), which
+# the tiny vision tower needs to tell the 4 places apart. Reward: 1 for the right digit; calling the tool pays
+# nothing by itself (RLLaVA's tool bonus paid a wrong answer after a call more than a right one without).
+CARD_BACK, MARKED_BACK = (40, 80, 230), (220, 40, 40)
+
+
+def draw_cards(seed: int, image_size: int = 64):
+    """(scene, marked card 1-4, digits of cards 1-4): four face-down cards, numbered in reading order, one red."""
+    rng = random.Random(seed)
+    marked, digits = rng.randint(1, 4), rng.sample(range(1, MAX_ADDEND + 1), 4)
+    image = Image.new("RGB", (image_size, image_size))
+    draw = ImageDraw.Draw(image)
+    cell = image_size // 2
+    shade_cells(draw, 2, cell)
+    for k in range(1, 5):
+        jitter = image_size / 32
+        x = ((k - 1) % 2 + 0.5) * cell + rng.uniform(-jitter, jitter)
+        y = ((k - 1) // 2 + 0.5) * cell + rng.uniform(-jitter, jitter)
+        w, h = cell * 0.3, cell * 0.38
+        draw.rectangle((x - w, y - h, x + w, y + h), fill=MARKED_BACK if k == marked else CARD_BACK)
+    return image, marked, digits
+
+
+def draw_card_face(digit: int, image_size: int = 64):
+    """Card k seen up close: its digit, bold black on white."""
+    image = Image.new("RGB", (image_size, image_size), (245, 245, 245))
+    font = ImageFont.load_default(size=image_size * 5 / 8)
+    ImageDraw.Draw(image).text((image_size / 2, image_size / 2), str(digit), font=font, anchor="mm", fill=(0, 0, 0),
+                               stroke_width=image_size // 32, stroke_fill=(0, 0, 0))  # fmt: skip
+    return image
+
+
+def zoom_tool(argument: str, example: Example):
+    """zoom(k): the face of card k (1-4) of the example's scene, as a new image."""
+    if not re.fullmatch(r"[1-4]", argument.strip()):
+        return f"zoom({argument}): k is 1, 2, 3 or 4"
+    _, _, digits = draw_cards(example.seed, example.image.width)
+    return draw_card_face(digits[int(argument) - 1], example.image.width)
+
+
+def zoom_examples(split: str, n: int, image_size: int = 64):
+    """n synthetic zoom examples: the answer is the digit of the red card, which only zoom() shows. Held out by seed
+    stream, not by pixels: a scene shows only where the red card is (4 kinds), never its digit, so no answer can be
+    learnt from a scene; the held-out set measures the skill (zoom on the red card, read it)."""
+    seeds = range(SPLIT_SEED_OFFSET[split], SPLIT_SEED_OFFSET[split] + n)
+    return [Example(draw_cards(s, image_size)[0], f"{ZOOM_QUESTION} {ZOOM_FORMAT}", str(card_digit(s)), s) for s in seeds]
+
+
+def card_digit(seed: int) -> int:
+    """The digit on the red card of scene `seed`."""
+    _, marked, digits = draw_cards(seed)
+    return digits[marked - 1]
+
+
+# ---------------------------------------------------------------------------------------------- MAT (agentic)
+MAT_FILES = {  # task: (training file, benchmark file), relative to `hf download laolao77/MAT --local-dir DIR`
+    "mat-search": ("MAT-Training/rft_agent_search_20.json", "MAT-Benchmark/MAT-Search.json"),
+    "mat-coding": ("MAT-Training/rft_agent_code_1_2k.json", "MAT-Benchmark/MAT-Coding.json"),
+}
+MAT_FORMAT = {
+    "mat-search": "To look something up, write <tool>search(your query)</tool>: the top passages come back. "
+    "Then answer as briefly as possible with <answer>...</answer>.",
+    "mat-coding": "The image may be rotated, dark, overexposed, blurred, noisy, or need a crop. To run Python on it, "
+    "write <tool>python(code)</tool>: the code reads the image from input.png (PIL, numpy, cv2); if it saves "
+    "output.png you see that image, else what it printed. Then answer as briefly as possible with <answer>...</answer>.",
+}
+MAT_STEP_SUFFIX = re.compile(r"_(proc|ori)(?=\.\w+$)")  # a training image's name: <trajectory>_proc / _ori .png
+QUERY_RE = re.compile(r"<query>\s*(.*?)\s*</?query>", re.DOTALL)  # MAT writes the question as <query> q </query>
+
+
+def load_mat(task: str, split: str, n: int, dataset: str) -> list:
+    """n examples of a MAT task from a local copy of laolao77/MAT: train from MAT-Training, eval from MAT-Benchmark
+    (its rows in order: the first 75 of MAT-Search and 70 of MAT-Coding are its 'simple' split, the rest 'hard')."""
+    import datasets
+
+    path = os.path.join(dataset, MAT_FILES[task][0 if split == "train" else 1])
+    if not os.path.isfile(path):
+        raise SystemExit(f"--dataset '{dataset}' has no {path}: download it with "
+                         "`hf download laolao77/MAT --repo-type dataset --local-dir DIR`, then pass --dataset DIR")
+    rows = datasets.load_dataset("json", data_files=path, split="train")  # a JSON list of objects; images stay files
+    if split == "train":
+        rows = mat_start_rows(rows)
+    images_root = mat_images_root(path)
+    return [mat_example(row, images_root, task) for row in list(rows)[:n]]
+
+
+def mat_images_root(json_path: str) -> str:
+    """The folder MAT's image paths are relative to: beside the JSON, named after it (MAT-Search.json ->
+    MAT-Search-image/, rft_agent_code_1_2k.json -> rft_agent_code_1_2k_images/), else images/."""
+    stem, folder = os.path.splitext(os.path.basename(json_path))[0], os.path.dirname(json_path)
+    candidates = [os.path.join(folder, name) for name in (f"{stem}-image", f"{stem}_images", "images")]
+    found = [c for c in candidates if os.path.isdir(c)]
+    if not found:
+        raise SystemExit(f"no image folder for {json_path}; looked for {', '.join(candidates)}")
+    return found[0]
+
+
+def mat_start_rows(rows) -> list[dict]:
+    """One start per question from MAT-Training, whose trajectories are split into teacher steps (a row per step:
+    `type` pre_problem / pre_code / pre_answer in the coding file). The start is the question with the FIRST step's
+    image (the degraded `_proc` one: a later step may show the clean `_ori`), the answer the step that gives it."""
+    steps = {}
+    for row in rows:
+        steps.setdefault(MAT_STEP_SUFFIX.sub("", row["image_path"]), []).append(row)
+    starts = []
+    for trajectory in steps.values():
+        first = min(trajectory, key=lambda r: (r.get("type") != "pre_problem", len(r["problem"])))
+        answers = [m.group(1).strip() for r in trajectory if (m := ANSWER_RE.search(r.get("solution") or ""))]
+        if answers:
+            starts.append({"question": mat_question(first["problem"]), "answers": answers[:1],
+                           "image_path": first["image_path"]})
+    return starts
+
+
+def mat_question(problem: str) -> str:
+    """The question of a MAT-Training `problem` ('<query> q </query>', maybe with a reasoning chain after it)."""
+    found = QUERY_RE.search(problem)
+    return (found.group(1) if found else problem).strip()
+
+
+def mat_example(row, images_root: str, task: str) -> Example:
+    """A MAT row: a benchmark row (MAT-Search: question/answer/image_path; MAT-Coding: question/answers/type/
+    processed_image_path/ori_image_path) or a training start (mat_start_rows). `answer` holds the acceptable
+    answers as a JSON list. A crop question shows the whole original image, as MAT's own evaluation does."""
+    answers = row["answers"] if row.get("answers") is not None else row["answer"]
+    answers = answers if isinstance(answers, list) else [answers]
+    kind = row.get("type") or []
+    name = row.get("image_path") or row["ori_image_path" if kind[:1] == ["crop"] else "processed_image_path"]
+    path = os.path.join(images_root, name)
+    if not os.path.isfile(path):  # a path with folders in it (the authors' own): the file name alone
+        path = os.path.join(images_root, os.path.basename(name))
+    if not os.path.isfile(path):
+        raise SystemExit(f"MAT image {path} not found (row {row.get('id', '?')}): is {images_root} complete?")
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    question = row.get("question") or mat_question(row["problem"])
+    return Example(image, f"{question}\n{MAT_FORMAT[task]}", json.dumps([str(a) for a in answers], ensure_ascii=False))
+
+
+# reward: token F1, SQuAD's normalisation (lowercase, no punctuation, no articles, single spaces) with MAT-Coding's rule
+# for Chinese (a character is a token); an exact match (after normalising) is 1.
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def mat_normalize(text: str) -> str:
+    """Lowercase, drop punctuation and symbols (ASCII and Unicode: Chinese marks too), then: Chinese text loses its
+    spaces; other text loses the articles a/an/the and keeps single spaces."""
+    text = "".join(ch for ch in text.lower() if unicodedata.category(ch)[0] not in "PS")
+    if CJK.search(text):
+        return text.replace(" ", "")
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def token_f1(prediction: str, truth: str) -> float:
+    """F1 of the normalised tokens (a multiset, as SQuAD counts them); characters if either side is Chinese."""
+    pred, true = mat_normalize(prediction), mat_normalize(truth)
+    if pred == true:
+        return 1.0
+    chars = CJK.search(pred + true) is not None
+    pred, true = (list(pred), list(true)) if chars else (pred.split(), true.split())
+    common = sum((Counter(pred) & Counter(true)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(true)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mat_answers(answer: str) -> list[str]:
+    """The acceptable answers: a JSON list of strings (what mat_example stores), else the string itself."""
+    try:
+        parsed = json.loads(answer)
+    except ValueError:
+        return [answer]
+    ok = isinstance(parsed, list) and parsed and all(isinstance(a, str) for a in parsed)
+    return parsed if ok else [answer]
+
+
+def f1_reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
+    """Token F1 in [0, 1] of the single <answer> block against the best acceptable answer; a malformed completion
+    (no block, two, text after it) or an empty block earns 0, a well-formed one at least `format_reward`."""
+    content = parse_answer(completion)
+    if not content:
+        return 0.0
+    return max(max(token_f1(content, truth) for truth in mat_answers(answer)), format_reward)
+
+
+# tool: search. The user's own retriever; no web API (and no key) here.
+SEARCH_TOP_K = 3
+SEARCH_CHARS = 500  # per passage: 3 of them fit the agent's 2,000-character cut of a tool's text
+SEARCH_TIMEOUT = 10.0  # seconds; VLRL_SEARCH_TIMEOUT overrides
+
+
+def search_tool(argument: str, example) -> str:
+    """Top passages for the query: from VLRL_SEARCH_URL (POST {"query", "queries", "topk"} as JSON; a URL holding
+    {query} is fetched by GET with it filled in) or VLRL_SEARCH_CORPUS (a JSONL file of {"title", "text"} passages,
+    ranked by the query's words they contain, rarer words counting more). Errors come back as text."""
+    query = argument.strip().strip("\"'").strip()
+    url, corpus = os.environ.get("VLRL_SEARCH_URL"), os.environ.get("VLRL_SEARCH_CORPUS")
+    if not query:
+        return "error: empty query; write <tool>search(your query)</tool>"
+    try:
+        if url:
+            passages = search_endpoint(url, query, float(os.environ.get("VLRL_SEARCH_TIMEOUT", SEARCH_TIMEOUT)))
+        elif corpus:
+            passages = search_corpus(corpus, query)
+        else:
+            return "error: no search backend; set VLRL_SEARCH_URL (a retrieval endpoint) or VLRL_SEARCH_CORPUS (a JSONL file)"
+    except Exception as e:  # noqa: BLE001 - a down server or a bad reply: the model reads it, the run goes on
+        return f"error: search failed: {type(e).__name__}: {e}"
+    lines = [f"{i}. {p[:SEARCH_CHARS]}" for i, p in enumerate(passages[:SEARCH_TOP_K], 1)]
+    return "\n".join(lines) if lines else "no results"
+
+
+def search_endpoint(url: str, query: str, timeout: float) -> list[str]:
+    """Passages from an HTTP endpoint. The reply: a list, or {"results"|"passages": list}, or Search-R1's retrieval
+    server's {"result": [list]}; an item: a string, {"title", "text"|"contents"}, or {"document": item}."""
+    if "{query}" in url:
+        request = urllib.request.Request(url.replace("{query}", urllib.parse.quote(query)))
+    else:
+        body = json.dumps({"query": query, "queries": [query], "topk": SEARCH_TOP_K}).encode()
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        reply = json.loads(response.read(1 << 20))
+    if isinstance(reply, dict):
+        reply = reply.get("results") or reply.get("passages") or (reply.get("result") or [[]])[0]
+    return [passage_text(item) for item in reply]
+
+
+def passage_text(item) -> str:
+    if isinstance(item, dict) and "document" in item:
+        item = item["document"]
+    if isinstance(item, dict):
+        text = item.get("text") or item.get("contents") or ""
+        return f"{item['title']}: {text}" if item.get("title") else text
+    return str(item)
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus(path: str, mtime: float):
+    """(passages, their word sets, document frequency of each word) of a JSONL corpus, read once per file version."""
+    with open(path, encoding="utf-8") as f:
+        passages = [passage_text(json.loads(line)) for line in f if line.strip()]
+    words = [set(mat_normalize(p).split()) for p in passages]
+    return passages, words, Counter(w for ws in words for w in ws)
+
+
+def search_corpus(path: str, query: str) -> list[str]:
+    """The passages sharing the most query words, each word weighted by its rarity (log N/df); small corpora only
+    (a linear scan: for Wikipedia-sized ones, serve an index and use VLRL_SEARCH_URL)."""
+    passages, words, df = _corpus(path, os.path.getmtime(path))
+    terms = set(mat_normalize(query).split())
+    scores = [sum(math.log(len(passages) / df[t]) + 1e-6 for t in terms & ws) for ws in words]
+    ranked = sorted((i for i, s in enumerate(scores) if s > 0), key=lambda i: -scores[i])
+    return [passages[i] for i in ranked[:SEARCH_TOP_K]]
+
+
+# tool: python. Runs in common/sandbox.py (bubblewrap: no network, no host files, limits); RLLaVA exec()s the model's
+# code inside the trainer process. The code always gets the example's ORIGINAL image as input.png (a tool sees the
+# example, not the episode: chain operations in one call); output.png, if saved, is the result.
+PYTHON_TIMEOUT = 10.0  # seconds of wall clock per call
+MIN_IMAGE_SIDE = 28  # Qwen2.5-VL's patch merge: smaller images are refused by its processor
+MAX_ASPECT = 200  # and so are longer/thinner ones
+MAX_IMAGE_PIXELS = 4096 * 4096  # a bigger output.png is refused (the processor would shrink it to max_pixels anyway)
+
+
+def python_tool(argument: str, example) -> "str | Image.Image":
+    """Run the code on the example's image: output.png if the code saved a usable one, else what it printed (the
+    tail of stderr and the exit status on failure)."""
+    from common.sandbox import run_python  # imported here: only mat-coding needs the sandbox
+
+    code = re.sub(r"^\s*```(?:python)?\s*\n|\n\s*```\s*$", "", argument)  # a fenced block is fine too
+    png = io.BytesIO()
+    example.image.save(png, "PNG")
+    result = run_python(code, files={"input.png": png.getvalue()}, timeout=PYTHON_TIMEOUT)
+    if result.timed_out:
+        return f"error: the code ran past {PYTHON_TIMEOUT:g} s and was stopped"
+    if "output.png" in result.files:
+        try:
+            with Image.open(io.BytesIO(result.files["output.png"])) as image:
+                w, h = image.size  # read from the header: a huge image is refused before it is decoded
+                if min(w, h) < MIN_IMAGE_SIDE or max(w, h) > MAX_ASPECT * min(w, h) or w * h > MAX_IMAGE_PIXELS:
+                    return (f"error: output.png is {w}x{h}; it needs sides of at least {MIN_IMAGE_SIDE} px, an aspect "
+                            f"ratio up to {MAX_ASPECT} and at most {MAX_IMAGE_PIXELS} pixels")
+                return image.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - not an image, or a truncated one
+            return f"error: output.png is not a readable image ({type(e).__name__})"
+    text = result.stdout[-1500:].rstrip()
+    if result.returncode != 0:
+        text += f"\n[stderr] {result.stderr[-500:]}\n[exit status {result.returncode}]"
+    return text.strip() or "(no output: print something, or save output.png)"
 
 
 # ---------------------------------------------------------------------------------------------- rewards
@@ -296,8 +607,9 @@ def grounding_reward(completion: str, answer: str, format_reward: float = 0.0, b
 
 
 def ideal_response(task: str, example: Example, box_frame=norm1000_frame) -> str:
-    """The shortest response that earns reward 1 (what the tiny model's supervised warm start imitates)."""
-    if task == "counting":
+    """The shortest response that earns reward 1 (what the tiny model's supervised warm start imitates); an agentic
+    task's last turn (ideal_turns)."""
+    if task in ("counting", "zoom"):
         return f"<answer>{example.answer}</answer>"
     if task == "math":
         return f"\\boxed{{{example.answer}}}"
@@ -308,22 +620,35 @@ def ideal_response(task: str, example: Example, box_frame=norm1000_frame) -> str
     return f"<answer>[{round(x1 * sx)}, {round(y1 * sy)}, {round(x2 * sx)}, {round(y2 * sy)}]</answer>"
 
 
+def ideal_turns(task: str, example: Example) -> list[str]:
+    """An agentic task's shortest episode that earns reward 1, turn by turn: call the right tool, then answer."""
+    _, marked, _ = draw_cards(example.seed, example.image.width)
+    return [f"<tool>zoom({marked})</tool>", ideal_response(task, example)]
+
+
+def tools(task: str) -> dict | None:
+    """The tools a task's episodes may call, by name (common/agent.py); None: one-turn responses, no tools."""
+    return {"zoom": {"zoom": zoom_tool}, "mat-search": {"search": search_tool}, "mat-coding": {"python": python_tool}}.get(task)
+
+
 def reward_fn(task: str, box_frame=norm1000_frame):
     """The task's reward: (completion, answer, format_reward=0.0) -> float."""
-    if task == "counting":
+    if task in ("counting", "zoom"):
         return counting_reward
     if task == "math":
         return math_reward
     if task == "grounding":
         return functools.partial(grounding_reward, box_frame=box_frame)
+    if task in F1_TASKS:
+        return f1_reward
     raise SystemExit(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
 
 
 def summarize(task: str, rewards: list[float], prefix: str) -> dict:
-    """Accuracy (share of answers at or above the task's success reward) and, for grounding, mean IoU."""
+    """Accuracy (share of answers at or above the task's success reward) and, for grounding, mean IoU; for MAT, F1."""
     out = {f"{prefix}/accuracy": sum(r >= SUCCESS[task] for r in rewards) / max(len(rewards), 1)}
-    if task == "grounding":
-        out[f"{prefix}/iou"] = sum(rewards) / max(len(rewards), 1)
+    if task == "grounding" or task in F1_TASKS:
+        out[f"{prefix}/{'iou' if task == 'grounding' else 'f1'}"] = sum(rewards) / max(len(rewards), 1)
     return out
 
 
@@ -349,10 +674,14 @@ def load_task(task: str, split: str, n: int, dataset: str | None = None, image_s
     """Examples for a task: the synthetic twin, or `dataset` (a hub id or a local path) via `load_dataset`."""
     if task not in TASKS:
         raise SystemExit(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    if task in F1_TASKS:
+        if dataset is None:
+            raise SystemExit(f"--task {task} has no offline twin: download MAT and pass --dataset DIR (docs/tasks.md#real-agentic-data-mat)")
+        return load_mat(task, split, n, dataset)
     if dataset is None:
         if task == "counting":
             return counting_examples(split, n, SceneSpec(image_size=image_size))
-        return {"math": math_examples, "grounding": grounding_examples}[task](split, n, image_size)
+        return {"math": math_examples, "grounding": grounding_examples, "zoom": zoom_examples}[task](split, n, image_size)
     rows = load_rows(dataset, split, n, task)
     return [{"grounding": refcoco_example}.get(task, problem_example)(row, task) for row in rows]
 

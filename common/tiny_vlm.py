@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from common import dist, tasks
+from common.agent import add_tool_turn, call_tool, episode_batch, parse_tool_call, start_episodes
 from common.vlm import (
     Qwen2VLImageOnlyProcessor,
     build_prompts,
@@ -68,6 +69,7 @@ WARM_START = {  # per task: supervised steps until accuracy on the warm-start va
     "counting": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
     "math": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
     "grounding": dict(max_steps=600, batch_size=32, lr=1e-3, target_accuracy=0.30),
+    "zoom": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.25),
 }
 
 
@@ -78,6 +80,9 @@ def tokenizer_corpus(task: str = "counting"):
         lines += [tasks.ANSWER_FORMAT, tasks.COUNTING_QUESTION] + [f"<answer>{n}</answer>" for n in range(100)]
     elif task == "math":
         lines += [tasks.BOXED_FORMAT, tasks.MATH_QUESTION] + [f"\\boxed{{{n}}}" for n in range(100)]
+    elif task == "zoom":
+        lines += [tasks.ZOOM_QUESTION, tasks.ZOOM_FORMAT] + [f"<tool>zoom({k})</tool>" for k in range(1, 5)] * 25
+        lines += [f"<answer>{n}</answer>" for n in range(100)]
     else:
         examples = tasks.load_task(task, "warmstart", 100)
         lines += [tasks.BOX_FORMAT] + [e.question for e in examples] + [tasks.ideal_response(task, e) for e in examples]
@@ -165,26 +170,44 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
     tok = processor.tokenizer
     eos = tok.eos_token_id  # the stop token, as common.vlm.stop_token_id
     suppressed = suppressed_token_ids(processor)
+    tools = tasks.tools(task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for step in range(1, max_steps + 1):
         batch = train[(step - 1) * batch_size : step * batch_size]
         prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], 4096)
-        targets = [tasks.ideal_response(task, e) + tok.eos_token for e in batch]
-        target_ids = tok(targets, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
-        target_ids[target_ids == tok.pad_token_id] = eos
-        mask = response_mask(target_ids, eos)
+        if tools:  # an agentic task: its ideal episodes, built turn by turn as a rollout builds them
+            prompts, target_ids, mask = ideal_episodes(processor, prompts, batch, task, tools)
+        else:
+            targets = [tasks.ideal_response(task, e) + tok.eos_token for e in batch]
+            target_ids = tok(targets, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
+            target_ids[target_ids == tok.pad_token_id] = eos
+            mask = response_mask(target_ids, eos)
         loss = -response_logprobs(model, prompts, target_ids, mask, suppressed).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 10 == 0:
-            rewards = greedy_rewards(model, processor, validation, tasks.reward_fn(task), tasks.MAX_NEW_TOKENS[task], 4096)
+            rewards = greedy_rewards(model, processor, validation, tasks.reward_fn(task), tasks.MAX_NEW_TOKENS[task], 4096, tools=tools, max_turns=3)
             metrics = tasks.summarize(task, rewards, "warmstart-validation")
             log(f"warm start step {step}: loss {loss.item():.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             accuracy = metrics["warmstart-validation/accuracy"]
             if accuracy >= target_accuracy:
                 break
     model.save_pretrained(model_dir)
+
+
+def ideal_episodes(processor, prompts, examples, task: str, tools: dict):
+    """(inputs, response ids, mask) of the ideal episodes of an agentic task (tasks.ideal_turns), each model turn
+    tokenised and followed by its tool's real result, exactly as common/agent.py assembles a sampled episode."""
+    eos = processor.tokenizer.eos_token
+    episodes = start_episodes(processor, prompts, [e.image for e in examples], examples, 1)
+    for episode in episodes:
+        turns = tasks.ideal_turns(task, episode.example)
+        for k, text in enumerate(turns):
+            episode.add(processor.tokenizer(text + eos, add_special_tokens=False)["input_ids"], model_written=True)
+            if k < len(turns) - 1:
+                add_tool_turn(episode, processor, call_tool(tools, parse_tool_call(text), episode.example))
+    return episode_batch(prompts, episodes, processor.tokenizer.eos_token_id)
 
 
 def tiny_model_dir(task: str) -> str:
@@ -194,6 +217,8 @@ def tiny_model_dir(task: str) -> str:
 
 
 def cached_tiny_model_dir(task: str) -> str:
+    if task not in WARM_START:
+        raise SystemExit(f"the embedded tiny model has no warm start for --task {task}: pass --model (a hub id or a checkpoint dir)")
     # the warm start's first images stand for how the task draws its data: a change there rebuilds the model
     images = hashlib.sha256(b"".join(e.image.tobytes() for e in tasks.load_task(task, "warmstart", 16))).hexdigest()
     recipe = [TINY, WARM_START[task], task, CHAT_TEMPLATE, tokenizer_corpus(task), images]

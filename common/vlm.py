@@ -251,8 +251,9 @@ def response_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def select(inputs, indices):
     """Rows `indices` of a processor batch, images included. The image layouts:
-    - Qwen-VL: pixel_values (patches of all images, D) + image_grid_thw (B, 3): each sample's block of patch rows
-      is gathered by its grid;
+    - Qwen-VL: pixel_values (patches of all images, D) + image_grid_thw (images, 3): each image's block of patch rows
+      is gathered by its grid; a row has one image, or `images_per_row` of them (an agentic episode's tool images,
+      common/agent.py);
     - Idefics3/SmolVLM: pixel_values (B, crops, C, H, W) + pixel_attention_mask (B, crops, H, W), zero-padded to
       the batch's most crops (the model drops all-zero crops), and Gemma 3-like (B, C, H, W): row i is sample i's,
       like every other key."""
@@ -260,10 +261,12 @@ def select(inputs, indices):
     if "image_grid_thw" not in inputs:
         return {k: v[indices] for k, v in inputs.items()}
     out = {k: v[indices] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    per_row = inputs.get("images_per_row", torch.ones(len(inputs["input_ids"]), dtype=torch.long)).tolist()
+    first = [sum(per_row[:i]) for i in range(len(per_row))]  # each row's first image
+    images = [j for i in indices.tolist() for j in range(first[i], first[i] + per_row[i])]
     blocks = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
-    rows = [blocks[i] for i in indices.tolist()]
-    out["pixel_values"] = torch.cat(rows) if rows else inputs["pixel_values"][:0]
-    out["image_grid_thw"] = inputs["image_grid_thw"][indices]
+    out["pixel_values"] = torch.cat([blocks[j] for j in images]) if images else inputs["pixel_values"][:0]
+    out["image_grid_thw"] = inputs["image_grid_thw"][images]
     return out
 
 
@@ -275,12 +278,17 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     give log π(response token t), for a value head (algos/ppo_vlm.py); read from the LM head's input, so only
     those T positions are kept, whatever the family."""
     inputs = dict(prompts)
+    inputs.pop("images_per_row", None)  # select's, not the model's
     inputs["input_ids"] = torch.cat([prompts["input_ids"], response_ids], dim=1)
-    inputs["attention_mask"] = torch.cat([prompts["attention_mask"], mask.to(prompts["attention_mask"].dtype)], 1)
+    # attended: every response token up to the last one trained on; in an agentic episode that includes the tool's
+    # turns (mask 0: read, not trained on), in a one-turn response it is the mask itself
+    attended = mask.flip(1).cummax(1).values.flip(1)
+    inputs["attention_mask"] = torch.cat([prompts["attention_mask"], attended.to(prompts["attention_mask"].dtype)], 1)
     for key in ("mm_token_type_ids", "token_type_ids"):  # per-token modality (Qwen-VL M-RoPE, Gemma 3's image
-        if key in prompts:  # attention): response tokens are text, type 0
-            zeros = torch.zeros_like(response_ids, dtype=prompts[key].dtype)
-            inputs[key] = torch.cat([prompts[key], zeros], dim=1)
+        if key in prompts:  # attention): response tokens are text, type 0, but a tool's image in an agentic episode
+            image_token_id = getattr(unwrap(model).config, "image_token_id", None)
+            types = (response_ids == image_token_id) if image_token_id is not None else torch.zeros_like(response_ids)
+            inputs[key] = torch.cat([prompts[key], types.to(prompts[key].dtype)], dim=1)
     # Rotary positions. Qwen-VL's M-RoPE derives 3-D positions from input_ids, mm_token_type_ids, image_grid_thw
     # and the attention mask, and `generate` caches its batch's offsets (`rope_deltas`) on the model for the
     # decoding steps. transformers 5.19 recomputes them for a forward without cache (modeling_qwen2_vl.py,
@@ -307,16 +315,25 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
 
 
 @torch.no_grad()
-def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, max_prompt_tokens: int, batch_size=100):
-    """The reward of each example's greedy response (evaluation: no sampling noise, no format bonus)."""
+def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, max_prompt_tokens: int, batch_size=100,
+                   tools: dict | None = None, max_turns: int = 1):  # fmt: skip
+    """The reward of each example's greedy response (evaluation: no sampling noise, no format bonus); with tools, of
+    its greedy episode's last turn (common/agent.py)."""
+    from common.agent import run_episodes  # imported here: common.agent imports this module
+
     was_training = model.training
     model.eval()
     rewards = []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
-        prompts = build_prompts(processor, [e.image for e in batch], [e.question for e in batch], max_prompt_tokens)
-        response_ids = generate(model, processor, prompts.to(model.device), 1, max_new_tokens, 1.0, greedy=True)
-        texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        images = [e.image for e in batch]
+        prompts = build_prompts(processor, images, [e.question for e in batch], max_prompt_tokens).to(model.device)
+        if tools:
+            episodes = run_episodes(model, None, processor, prompts, images, batch, 1, max_new_tokens, 1.0, True, tools, max_turns)
+            texts = [e.answer for e in episodes]
+        else:
+            response_ids = generate(model, processor, prompts, 1, max_new_tokens, 1.0, greedy=True)
+            texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         rewards += [reward_fn(t, e.answer) for t, e in zip(texts, batch)]
     model.train(was_training)
     return rewards

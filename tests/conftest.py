@@ -170,3 +170,35 @@ def one_thread():
     torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
     yield
     torch.set_num_threads(threads)
+
+
+TOOL_CALL = "<tool>zoom(2)</tool>"  # what force_tool_call makes an episode's first turn
+
+
+@pytest.fixture
+def force_tool_call(monkeypatch):
+    """force_tool_call(processor, engine=None): from now on, every episode's first turn (common/agent.py) is
+    TOOL_CALL + the end-of-turn token, as if sampled (a random tiny model never calls a tool by itself); later turns
+    are sampled as usual, by HF generate or by `engine`. Returns the list of (context, returned ids) of every turn, in
+    order. A first turn is one whose context holds one image per episode (the zoom tool adds an image per call)."""
+    import common.agent
+
+    def install(processor, engine=None):
+        calls, call_ids = [], processor.tokenizer(TOOL_CALL + processor.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        real = engine.generate if engine is not None else common.agent.generate
+
+        def generate_turn(*args):
+            context = args[1] if engine is not None else args[2]
+            ids = real(*args)
+            if len(context["image_grid_thw"]) == len(context["input_ids"]):
+                ids = torch.tensor([call_ids] * len(context["input_ids"]), device=ids.device)
+            calls.append((context, ids))
+            return ids
+
+        if engine is not None:
+            monkeypatch.setattr(engine, "generate", generate_turn)
+        else:
+            monkeypatch.setattr(common.agent, "generate", generate_turn)
+        return calls
+
+    return install

@@ -87,6 +87,23 @@ def test_gae_on_random_inputs_against_the_recursion_written_out(ppo):
             assert returns[i].tolist() == pytest.approx(expected_r + padding, abs=1e-12)
 
 
+def test_an_agentic_episodes_tool_turn_is_skipped_by_gae_and_the_reward_lands_on_its_last_model_token(ppo):
+    """Mask holes are a tool's turns (common/agent.py): the environment's move, not the policy's. GAE over a row with
+    holes equals GAE over the same row with the holes removed, and the holes get A = returns = 0."""
+    rng = random.Random(2)
+    mask = t([[1, 1, 0, 0, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1, 0, 0]])
+    values, old, ref = (t([[rng.uniform(-1, 1) for _ in range(8)] for _ in range(2)]) for _ in range(3))
+    token_rewards = ppo.token_rewards(t([1.0, -0.5]), old, ref, mask, beta=0.1)
+    assert token_rewards[0, 6] == pytest.approx(1.0 - 0.1 * (old[0, 6] - ref[0, 6]).item(), abs=1e-12)  # last model token
+    assert token_rewards[1, 5] == pytest.approx(-0.5 - 0.1 * (old[1, 5] - ref[1, 5]).item(), abs=1e-12)
+    advantages, returns = ppo.gae(token_rewards, values, mask, gamma=0.99, lam=0.9)
+    for row in range(2):
+        kept = mask[row].bool()
+        compact_a, compact_r = ppo.gae(token_rewards[row, kept][None], values[row, kept][None], torch.ones(1, int(kept.sum())), gamma=0.99, lam=0.9)
+        assert torch.allclose(advantages[row, kept], compact_a[0], atol=1e-12) and torch.allclose(returns[row, kept], compact_r[0], atol=1e-12)
+        assert advantages[row, ~kept].eq(0).all() and returns[row, ~kept].eq(0).all()
+
+
 def test_all_equal_rewards_predicted_exactly_leave_no_advantage(ppo):
     # every response earns 1 at its end and the critic knows it (V = 1 on every token, gamma = 1): A = 0, returns = 1
     mask = t([[1, 1, 0], [1, 1, 1]])

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     examples = tasks.load_task("counting", "train", 4)
     images = [e.image for e in examples]
     prompts = build_prompts(processor, images, [e.question for e in examples], 512)
-    engine = VLLMRollout(model_dir, processor, torch.float32, seed=0, max_model_len=256)
+    engine = VLLMRollout(model_dir, processor, torch.float32, seed=0, max_model_len=256, max_images=2)
     calls = []  # (method, arguments) of every call the helper makes on the real LLM object
 
     def recorded(name, method):
@@ -77,6 +77,24 @@ def test_greedy_rollouts_match_hf_generate_with_images(setup):
     expected = generate(model, processor, prompts, 1, 12, 1.0, greedy=True)  # (B, T)
     got = engine.generate(model, prompts, images, 1, 12, 1.0, greedy=True)
     assert torch.equal(got, expected)
+
+
+def test_greedy_agentic_episodes_match_hf_generate_with_a_tool_image(setup, force_tool_call):
+    """A zoom episode (common/agent.py): turn 1 forced to a tool call, the tool's image appended, turn 2 greedy from a
+    context of two images. vLLM expands both images as the trainer's processor does (generate() checks the prompt
+    tokens) and continues exactly as HF generate does."""
+    from common.agent import run_episodes
+
+    model, processor, engine = setup["model"], setup["processor"], setup["engine"]
+    examples = tasks.load_task("zoom", "train", 3)
+    images = [e.image for e in examples]
+    prompts = build_prompts(processor, images, [e.question for e in examples], 512)
+    force_tool_call(processor)  # HF generate's turns
+    expected = run_episodes(model, None, processor, prompts, images, examples, 1, 8, 1.0, True, tasks.tools("zoom"), 2)
+    force_tool_call(processor, engine)  # the engine's turns
+    got = run_episodes(model, engine, processor, prompts, images, examples, 1, 8, 1.0, True, tasks.tools("zoom"), 2)
+    assert all(len(e.pil_images) == 2 and e.tool_calls == 1 for e in got)
+    assert [e.ids for e in got] == [e.ids for e in expected]
 
 
 def test_prompts_that_vllm_expands_to_other_tokens_than_the_trainer_stop_the_rollout(setup):

@@ -24,15 +24,16 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import dist, tasks  # noqa: E402
+from common import dist, policy, tasks  # noqa: E402
 from common.vlm import stop_token_id  # noqa: E402
 
 
 def fixed_responses(equal_groups):
-    def sample(model, rollout_engine, processor, prompts, images, num_samples, max_new_tokens, temperature):
-        first = dist.rank() * len(images)  # this rank's first prompt's place in the global batch (common.dist.shard)
+    def generate(model, processor, prompts, num_samples, max_new_tokens, temperature, greedy):
+        B = len(prompts["input_ids"])
+        first = dist.rank() * B  # this rank's first prompt's place in the global batch (common.dist.shard)
         texts = []
-        for g in range(first, first + len(images)):
+        for g in range(first, first + B):
             for j in range(num_samples):
                 texts.append("1" if g in equal_groups else ("1" if j % 2 else "0") + " 2" * ((g + j) % 3))
         eos = stop_token_id(processor)
@@ -40,7 +41,7 @@ def fixed_responses(equal_groups):
         width = max(map(len, ids))
         return torch.tensor([row + [eos] * (width - len(row)) for row in ids])
 
-    return sample
+    return generate
 
 
 def main(runs_json: str):
@@ -53,7 +54,7 @@ def main(runs_json: str):
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # tyro reads the Args docstrings through it
         spec.loader.exec_module(module)
-        module.sample = fixed_responses(set(run["equal_groups"]))
+        policy.generate = fixed_responses(set(run["equal_groups"]))  # what common.policy.sample samples with
         module.make_optimizer = lambda name, params, lr: torch.optim.SGD([p for p in params if p.requires_grad], lr=lr)
         tasks.reward_fn = lambda task, box_frame=None: lambda completion, answer, format_reward=0.0: float(completion.startswith("1"))
         module.main(tyro.cli(module.Args, args=run["flags"]))
