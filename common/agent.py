@@ -67,14 +67,14 @@ def tool_turn_text(processor, result) -> str:
 @dataclass
 class Episode:
     """One episode as it grows. ids: the prompt's (no padding), then every turn's; mask: one per token after the
-    prompt (1 model-written, 0 tool-written); images: (pixel_values rows, grid) per image, the prompt's first."""
+    prompt (1 model-written, 0 tool-written); images, the prompt's first."""
 
     example: object
     prompt_row: int  # the row of the prompt batch it started from
     ids: list[int]
     prompt_length: int
-    images: list
-    pil_images: list
+    pixel_blocks: list  # per image, the processor's (pixel_values rows, grid): what the trainer's forward reads
+    images: list  # the PIL images, in order: what vLLM reads
     mask: list[int] = field(default_factory=list)
     turns: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each model turn, in mask positions
     answer: str = ""  # the last model turn's text: what the reward reads
@@ -88,14 +88,14 @@ class Episode:
         self.mask += [int(model_written)] * len(ids)
 
 
-def start_episodes(processor, prompts, images, examples, num_samples: int) -> list[Episode]:
+def start_episodes(processor, prompts, examples, num_samples: int) -> list[Episode]:
     """num_samples episodes per prompt, ordered p0 x G, p1 x G, ...: each starts as its prompt's ids (no padding)."""
     episodes = []
     for i, (ids, attention) in enumerate(zip(prompts["input_ids"].tolist(), prompts["attention_mask"].tolist())):
         ids = [t for t, a in zip(ids, attention) if a]
         image = image_blocks(select(prompts, [i]))
         for _ in range(num_samples):
-            episodes.append(Episode(examples[i], i, list(ids), len(ids), list(image), [images[i]]))
+            episodes.append(Episode(examples[i], i, list(ids), len(ids), list(image), [examples[i].image]))
     return episodes
 
 
@@ -117,8 +117,8 @@ def add_tool_turn(episode: Episode, processor, result):
     if image is not None:
         if "image_grid_thw" not in turn:
             raise SystemExit(f"a tool returned an image, which {type(processor).__name__} cannot place in a running episode: use a Qwen-VL model")
-        episode.images += image_blocks(turn)
-        episode.pil_images.append(image)
+        episode.pixel_blocks += image_blocks(turn)
+        episode.images.append(image)
     episode.add(turn["input_ids"][0].tolist(), model_written=False)
 
 
@@ -131,20 +131,20 @@ def context_batch(processor, prompts, episodes: list[Episode]):
     if "mm_token_type_ids" in batch:  # Qwen-VL: 1 on image tokens (M-RoPE numbers images by it)
         batch["mm_token_type_ids"] = (batch["input_ids"] == processor.image_token_id).long()
     if "image_grid_thw" in batch:
-        blocks = [block for e in episodes for block in e.images]
+        blocks = [block for e in episodes for block in e.pixel_blocks]
         batch["pixel_values"] = torch.cat([rows for rows, _ in blocks])
         batch["image_grid_thw"] = torch.stack([grid for _, grid in blocks])
     return batch
 
 
 @torch.no_grad()
-def run_episodes(model, rollout_engine, processor, prompts, images, examples, num_samples: int, max_new_tokens: int,
+def run_episodes(model, rollout_engine, processor, prompts, examples, num_samples: int, max_new_tokens: int,
                  temperature: float, greedy: bool, tools: dict, max_turns: int) -> list[Episode]:  # fmt: skip
     """num_samples episodes per prompt (ordered p0 x G, p1 x G, ...), each up to max_turns model turns of at most
     max_new_tokens tokens, sampled with HF generate (rollout_engine None) or the vLLM engine. Under torchrun every
     rank samples as many turns as the rank that needs the most (an FSDP2 forward is a collective)."""
     eos, device = stop_token_id(processor), prompts["input_ids"].device
-    episodes = start_episodes(processor, prompts, images, examples, num_samples)
+    episodes = start_episodes(processor, prompts, examples, num_samples)
     for turn in range(max_turns):
         live = [k for k, e in enumerate(episodes) if not e.done]
         if all_max(len(live)) == 0:
@@ -154,7 +154,7 @@ def run_episodes(model, rollout_engine, processor, prompts, images, examples, nu
         if rollout_engine is None:
             new_ids = generate(model, processor, context, 1, max_new_tokens, temperature, greedy)
         else:
-            new_ids = rollout_engine.generate(model, context, [episodes[k].pil_images for k in rows], 1, max_new_tokens, temperature, greedy)
+            new_ids = rollout_engine.generate(model, context, [episodes[k].images for k in rows], 1, max_new_tokens, temperature, greedy)
         for k, ids in zip(live, new_ids.tolist()):
             episode = episodes[k]
             closed = eos in ids  # a turn cut by max_new_tokens has no end-of-turn token: it cannot go on
@@ -176,10 +176,10 @@ def episode_batch(prompts, episodes: list[Episode], eos_id: int, train_turns: st
     EOS-padded; mask (N, T): 1 on the model-written tokens trained on (every turn's, or the last turn's), else 0."""
     N = len(episodes)
     inputs = select(prompts, [e.prompt_row for e in episodes])
-    if "image_grid_thw" in inputs and any(len(e.images) > 1 for e in episodes):  # tool images: every row's, in order
-        inputs["pixel_values"] = torch.cat([rows for e in episodes for rows, _ in e.images]).to(inputs["pixel_values"].device)
-        inputs["image_grid_thw"] = torch.stack([grid for e in episodes for _, grid in e.images]).to(inputs["image_grid_thw"].device)
-        inputs["images_per_row"] = torch.tensor([len(e.images) for e in episodes])
+    if "image_grid_thw" in inputs and any(len(e.pixel_blocks) > 1 for e in episodes):  # tool images: every row's, in order
+        inputs["pixel_values"] = torch.cat([rows for e in episodes for rows, _ in e.pixel_blocks]).to(inputs["pixel_values"].device)
+        inputs["image_grid_thw"] = torch.stack([grid for e in episodes for _, grid in e.pixel_blocks]).to(inputs["image_grid_thw"].device)
+        inputs["images_per_row"] = torch.tensor([len(e.pixel_blocks) for e in episodes])
     T = max(len(e.mask) for e in episodes)
     response_ids = torch.full((N, T), eos_id, dtype=torch.long)
     mask = torch.zeros(N, T)

@@ -77,7 +77,7 @@ def sample(model, rollout_engine, processor, prompts, examples, num_samples: int
     model.eval()
     images, rows = [e.image for e in examples], [i for i in range(len(examples)) for _ in range(num_samples)]
     if tools:
-        episodes = run_episodes(model, rollout_engine, processor, prompts, images, examples, num_samples, max_new_tokens, temperature, False, tools, max_turns)
+        episodes = run_episodes(model, rollout_engine, processor, prompts, examples, num_samples, max_new_tokens, temperature, False, tools, max_turns)
         inputs, response_ids, mask = episode_batch(prompts, episodes, stop_token_id(processor), train_turns)
         completions, tool_calls = [e.answer for e in episodes], torch.tensor([float(e.tool_calls) for e in episodes])
     else:

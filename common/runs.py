@@ -56,6 +56,7 @@ def check_flags(args):
         (args.temperature <= 0, f"--temperature {args.temperature}: sampling needs a temperature > 0 (1 samples the policy)"),
         (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: allow 1 or more"),
         (args.max_prompt_tokens < 1, f"--max-prompt-tokens {args.max_prompt_tokens}: allow 1 or more"),
+        (args.max_turns < 1, f"--max-turns {args.max_turns}: allow 1 or more model turns per episode"),
         (args.lr <= 0, f"--lr {args.lr}: use a learning rate > 0"),
         (args.max_grad_norm <= 0, f"--max-grad-norm {args.max_grad_norm}: use a norm > 0"),
         (not 0 <= args.format_reward < 1, f"--format-reward {args.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),

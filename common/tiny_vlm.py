@@ -200,7 +200,7 @@ def ideal_episodes(processor, prompts, examples, task: str, tools: dict):
     """(inputs, response ids, mask) of the ideal episodes of an agentic task (tasks.ideal_turns), each model turn
     tokenised and followed by its tool's real result, exactly as common/agent.py assembles a sampled episode."""
     eos = processor.tokenizer.eos_token
-    episodes = start_episodes(processor, prompts, [e.image for e in examples], examples, 1)
+    episodes = start_episodes(processor, prompts, examples, 1)
     for episode in episodes:
         turns = tasks.ideal_turns(task, episode.example)
         for k, text in enumerate(turns):

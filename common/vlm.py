@@ -278,7 +278,7 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     give log π(response token t), for a value head (algos/ppo_vlm.py); read from the LM head's input, so only
     those T positions are kept, whatever the family."""
     inputs = dict(prompts)
-    inputs.pop("images_per_row", None)  # select's, not the model's
+    tool_images = inputs.pop("images_per_row", None) is not None  # select's, not the model's: an agentic batch
     inputs["input_ids"] = torch.cat([prompts["input_ids"], response_ids], dim=1)
     # attended: every response token up to the last one trained on; in an agentic episode that includes the tool's
     # turns (mask 0: read, not trained on), in a one-turn response it is the mask itself
@@ -286,8 +286,7 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     inputs["attention_mask"] = torch.cat([prompts["attention_mask"], attended.to(prompts["attention_mask"].dtype)], 1)
     for key in ("mm_token_type_ids", "token_type_ids"):  # per-token modality (Qwen-VL M-RoPE, Gemma 3's image
         if key in prompts:  # attention): response tokens are text, type 0, but a tool's image in an agentic episode
-            image_token_id = getattr(unwrap(model).config, "image_token_id", None)
-            types = (response_ids == image_token_id) if image_token_id is not None else torch.zeros_like(response_ids)
+            types = response_ids == unwrap(model).config.image_token_id if tool_images else torch.zeros_like(response_ids)
             inputs[key] = torch.cat([prompts[key], types.to(prompts[key].dtype)], dim=1)
     # Rotary positions. Qwen-VL's M-RoPE derives 3-D positions from input_ids, mm_token_type_ids, image_grid_thw
     # and the attention mask, and `generate` caches its batch's offsets (`rope_deltas`) on the model for the
@@ -329,7 +328,7 @@ def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, m
         images = [e.image for e in batch]
         prompts = build_prompts(processor, images, [e.question for e in batch], max_prompt_tokens).to(model.device)
         if tools:
-            episodes = run_episodes(model, None, processor, prompts, images, batch, 1, max_new_tokens, 1.0, True, tools, max_turns)
+            episodes = run_episodes(model, None, processor, prompts, batch, 1, max_new_tokens, 1.0, True, tools, max_turns)
             texts = [e.answer for e in episodes]
         else:
             response_ids = generate(model, processor, prompts, 1, max_new_tokens, 1.0, greedy=True)

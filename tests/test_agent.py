@@ -19,10 +19,9 @@ TOOLS = tasks.tools("zoom")
 def zoom_episodes(model, processor, n=3, max_turns=3, greedy=False):
     """n zoom episodes, first turns forced to TOOL_CALL by the caller (force_tool_call); (prompts, episodes)."""
     examples = tasks.load_task("zoom", "train", n)
-    images = [e.image for e in examples]
-    prompts = build_prompts(processor, images, [e.question for e in examples], 512)
+    prompts = build_prompts(processor, [e.image for e in examples], [e.question for e in examples], 512)
     torch.manual_seed(0)
-    return prompts, run_episodes(model, None, processor, prompts, images, examples, 1, 6, 1.0, greedy, TOOLS, max_turns)
+    return prompts, run_episodes(model, None, processor, prompts, examples, 1, 6, 1.0, greedy, TOOLS, max_turns)
 
 
 def test_parse_tool_call_reads_the_first_call_and_an_answer_is_none():
@@ -57,7 +56,7 @@ def test_a_canonical_episode_equals_the_chat_templates_rendering_of_the_conversa
     _, processor = tiny_vlm
     example = tasks.load_task("zoom", "train", 1)[0]
     prompts = build_prompts(processor, [example.image], [example.question], 512)
-    (episode,) = start_episodes(processor, prompts, [example.image], [example], 1)
+    (episode,) = start_episodes(processor, prompts, [example], 1)
     eos = processor.tokenizer.eos_token
     episode.add(processor.tokenizer(TOOL_CALL + eos, add_special_tokens=False)["input_ids"], model_written=True)
     face = tasks.zoom_tool("2", example)
@@ -136,7 +135,7 @@ def test_batched_episode_logprobs_equal_each_episode_scored_alone(tiny_vlm, forc
     force_tool_call(processor)
     prompts, episodes = zoom_episodes(model, processor, n=4, max_turns=3)
     examples = [e.example for e in episodes]
-    episodes[1] = start_episodes(processor, prompts, [e.image for e in examples], examples, 1)[1]  # answers at once:
+    episodes[1] = start_episodes(processor, prompts, examples, 1)[1]  # answers at once:
     episodes[1].add(processor.tokenizer("<answer>3</answer>" + processor.tokenizer.eos_token, add_special_tokens=False)["input_ids"], True)
     inputs, response_ids, mask = episode_batch(prompts, episodes, processor.tokenizer.eos_token_id)
     assert inputs["images_per_row"].tolist()[1] == 1 and max(inputs["images_per_row"].tolist()) == 2
@@ -151,7 +150,7 @@ def test_a_tool_error_is_a_turn_the_model_reads_and_a_flood_is_cut(tiny_vlm):
     _, processor = tiny_vlm
     example = tasks.load_task("zoom", "train", 1)[0]
     prompts = build_prompts(processor, [example.image], [example.question], 512)
-    (episode,) = start_episodes(processor, prompts, [example.image], [example], 1)
+    (episode,) = start_episodes(processor, prompts, [example], 1)
     assert call_tool(TOOLS, ("zoom", "9"), example) == "zoom(9): k is 1, 2, 3 or 4"
     assert call_tool(TOOLS, ("search", "cats"), example).startswith("error: no tool 'search'")
     add_tool_turn(episode, processor, "x" * 10 * MAX_TOOL_TEXT)

@@ -171,6 +171,8 @@ SHARED_BAD_FLAGS = [  # flags every script has (common/runs.py: check_flags); GR
     (["--max-prompt-tokens", "4"], "--max-prompt-tokens"),
     (["--save-every", "-1"], "--save-every"),
     (["--resume", "/nonexistent/run"], "/nonexistent/run"),
+    (["--max-turns", "0"], "--max-turns"),
+    (["--task", "mat-search"], "--dataset"),  # no offline twin
 ]
 
 
