@@ -268,7 +268,7 @@ def logprobs_and_values(model, value_head, rows, *scoring):
 
 
 # ALGO LOGIC: PPO's own step budgets (counting measured, docs/ppo_vlm.md; math and grounding scaled like it, untuned)
-PPO_TOTAL_STEPS = {"counting": 150, "math": 170, "grounding": 95}
+PPO_TOTAL_STEPS = {"counting": 150, "math": 170, "grounding": 95, "zoom": 110, "mat-search": 75, "mat-coding": 150}
 
 
 def check_args(args: Args):

@@ -621,7 +621,10 @@ def ideal_response(task: str, example: Example, box_frame=norm1000_frame) -> str
 
 
 def ideal_turns(task: str, example: Example) -> list[str]:
-    """An agentic task's shortest episode that earns reward 1, turn by turn: call the right tool, then answer."""
+    """An agentic task's shortest episode that earns reward 1, turn by turn: call the right tool, then answer (zoom's:
+    what the tiny model's warm start imitates)."""
+    if task != "zoom":
+        raise ValueError(f"no ideal episode is known for --task {task}")
     _, marked, _ = draw_cards(example.seed, example.image.width)
     return [f"<tool>zoom({marked})</tool>", ideal_response(task, example)]
 
