@@ -30,7 +30,8 @@ RUNS = [
 ]
 # Under torchrun only (a single process resamples other prompts): DAPO's dynamic sampling, rank 1's groups all equal
 # and its resampled ones too (tests/torchrun_step.py keys the responses by place), rank 0 resampling in step with it.
-TORCHRUN_ONLY = [("grpo-dynamic", "algos/grpo_vlm.py", ["--dynamic-sampling", "--max-resample-rounds", "2"], [2, 3])]
+TORCHRUN_ONLY = [("grpo-dynamic", "algos/grpo_vlm.py", ["--dynamic-sampling", "--max-resample-rounds", "2"], [2, 3]),
+                 ("grpo-agentic", "algos/grpo_vlm.py", ["--task", "zoom", "--max-turns", "2"], [])]  # tests/torchrun_step.py
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
 IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -57,7 +58,7 @@ def steps(tiny_model_dir, repo_root, tmp_path_factory):
             for name, script, flags, equal in engines[engine]:
                 run_flags = [*FLAGS, *ONE_MINIBATCH.get(name.split("-")[0], []), "--model", tiny_model_dir, *flags,
                              "--output-dir", str(root / engine / name), "--dist", "ddp" if engine == "ddp" else "fsdp"]  # fmt: skip
-                runs.append({"script": script, "flags": run_flags, "equal_groups": equal})
+                runs.append({"script": script, "flags": run_flags, "equal_groups": equal, "agentic": name.endswith("agentic")})
         (root / f"{launch}.json").write_text(json.dumps(runs))
         run(repo_root, *command, "tests/torchrun_step.py", str(root / f"{launch}.json"))
     return {engine: {name: next((root / engine / name).iterdir()) for name, *_ in runs} for engine, runs in engines.items()}
@@ -110,6 +111,13 @@ def test_dynamic_sampling_under_torchrun_keeps_the_ranks_in_step(steps):
     collectives), and rank 1's groups stay all-equal, so rank 0's two groups alone train."""
     record = step_record(steps["fsdp"]["grpo-dynamic"])
     assert record["charts/resampled_prompts"] == 4 and record["losses/loss"] is not None
+
+
+def test_agentic_episodes_under_torchrun_keep_the_ranks_in_step(steps):
+    """Rank 1's episodes call the zoom tool and need a second turn, rank 0's answer at once (tests/torchrun_step.py,
+    scripted_turns): rank 0 samples the second turn too, unused, or FSDP2's forwards would wait for it forever."""
+    record = step_record(steps["fsdp"]["grpo-agentic"])
+    assert record["charts/tool_calls"] == 0.5 and record["losses/loss"] is not None
 
 
 def test_fsdp_saved_model_and_adapter_reload_with_from_pretrained(steps, tiny_model_dir):
