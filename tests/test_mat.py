@@ -162,6 +162,7 @@ def server(monkeypatch):
     thread.start()
     Handler.requests, Handler.reply, Handler.delay = [], [], 0.0
     monkeypatch.delenv("VLRL_SEARCH_CORPUS", raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # urllib would send even a loopback request through a proxy variable
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
