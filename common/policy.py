@@ -75,7 +75,6 @@ def sample(model, rollout_engine, processor, prompts, examples, num_samples: int
     tokens trained on (up to the end-of-turn token; an episode's tool turns 0); completions, the texts the reward
     reads (an episode's last turn); tool_calls (B*G,), how many tool calls each made."""
     model.eval()
-    images, rows = [e.image for e in examples], [i for i in range(len(examples)) for _ in range(num_samples)]
     if tools:
         episodes = run_episodes(model, rollout_engine, processor, prompts, examples, num_samples, max_new_tokens, temperature, False, tools, max_turns)
         inputs, response_ids, mask = episode_batch(prompts, episodes, stop_token_id(processor), train_turns)
@@ -84,9 +83,10 @@ def sample(model, rollout_engine, processor, prompts, examples, num_samples: int
         if rollout_engine is None:
             response_ids = generate(model, processor, prompts, num_samples, max_new_tokens, temperature, greedy=False)
         else:
-            response_ids = rollout_engine.generate(model, prompts, images, num_samples, max_new_tokens, temperature, greedy=False)
-        inputs, mask = select(prompts, rows), response_mask(response_ids, stop_token_id(processor))
-        completions, tool_calls = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True), torch.zeros(len(rows))
+            response_ids = rollout_engine.generate(model, prompts, [e.image for e in examples], num_samples, max_new_tokens, temperature, greedy=False)
+        inputs = select(prompts, [i for i in range(len(examples)) for _ in range(num_samples)])  # each prompt G times
+        mask = response_mask(response_ids, stop_token_id(processor))  # 1 up to the end-of-turn token
+        completions, tool_calls = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True), torch.zeros(len(response_ids))
     model.train()
     return inputs, response_ids, mask, completions, tool_calls
 

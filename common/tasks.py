@@ -155,13 +155,18 @@ def draw_numbers(seed: int, image_size: int = 64):
     numbers = (rng.randint(1, MAX_ADDEND), rng.randint(1, MAX_ADDEND))
     image = Image.new("RGB", (image_size, image_size), (128, 128, 128))
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=image_size * 5 / 8)  # Pillow's embedded font: no files needed
     for i, n in enumerate(numbers):
         jitter = image_size / 32
         x = (i + 0.5) * image_size / 2 + rng.uniform(-jitter, jitter)
         y = image_size / 2 + rng.uniform(-jitter, jitter)
-        draw.text((x, y), str(n), font=font, anchor="mm", fill=(0, 0, 0), stroke_width=image_size // 32, stroke_fill=(0, 0, 0))
+        draw_number(draw, (x, y), n, image_size)
     return image, numbers
+
+
+def draw_number(draw, centre, n: int, image_size: int):
+    """n in bold black, 5/8 of the image high, centred at `centre` (math's numbers, zoom's card faces)."""
+    font = ImageFont.load_default(size=image_size * 5 / 8)  # Pillow's embedded font: no files needed
+    draw.text(centre, str(n), font=font, anchor="mm", fill=(0, 0, 0), stroke_width=image_size // 32, stroke_fill=(0, 0, 0))
 
 
 def math_examples(split: str, n: int, image_size: int = 64):
@@ -215,21 +220,21 @@ def grounding_examples(split: str, n: int, image_size: int = 64):
 # the tiny vision tower needs to tell the 4 places apart. Reward: 1 for the right digit; calling the tool pays
 # nothing by itself (RLLaVA's tool bonus paid a wrong answer after a call more than a right one without).
 CARD_BACK, MARKED_BACK = (40, 80, 230), (220, 40, 40)
+CARD_DIGITS = range(1, 6)  # four different ones per scene
 
 
 def draw_cards(seed: int, image_size: int = 64):
     """(scene, marked card 1-4, digits of cards 1-4): four face-down cards, numbered in reading order, one red."""
     rng = random.Random(seed)
-    marked, digits = rng.randint(1, 4), rng.sample(range(1, MAX_ADDEND + 1), 4)
+    marked, digits = rng.randint(1, 4), rng.sample(CARD_DIGITS, 4)
     image = Image.new("RGB", (image_size, image_size))
     draw = ImageDraw.Draw(image)
-    cell = image_size // 2
+    cell, jitter = image_size // 2, image_size / 32
+    w, h = cell * 0.3, cell * 0.38  # a card's half-width and half-height
     shade_cells(draw, 2, cell)
     for k in range(1, 5):
-        jitter = image_size / 32
         x = ((k - 1) % 2 + 0.5) * cell + rng.uniform(-jitter, jitter)
         y = ((k - 1) // 2 + 0.5) * cell + rng.uniform(-jitter, jitter)
-        w, h = cell * 0.3, cell * 0.38
         draw.rectangle((x - w, y - h, x + w, y + h), fill=MARKED_BACK if k == marked else CARD_BACK)
     return image, marked, digits
 
@@ -237,9 +242,7 @@ def draw_cards(seed: int, image_size: int = 64):
 def draw_card_face(digit: int, image_size: int = 64):
     """Card k seen up close: its digit, bold black on white."""
     image = Image.new("RGB", (image_size, image_size), (245, 245, 245))
-    font = ImageFont.load_default(size=image_size * 5 / 8)
-    ImageDraw.Draw(image).text((image_size / 2, image_size / 2), str(digit), font=font, anchor="mm", fill=(0, 0, 0),
-                               stroke_width=image_size // 32, stroke_fill=(0, 0, 0))  # fmt: skip
+    draw_number(ImageDraw.Draw(image), (image_size / 2, image_size / 2), digit, image_size)
     return image
 
 
@@ -255,14 +258,11 @@ def zoom_examples(split: str, n: int, image_size: int = 64):
     """n synthetic zoom examples: the answer is the digit of the red card, which only zoom() shows. Held out by seed
     stream, not by pixels: a scene shows only where the red card is (4 kinds), never its digit, so no answer can be
     learnt from a scene; the held-out set measures the skill (zoom on the red card, read it)."""
-    seeds = range(SPLIT_SEED_OFFSET[split], SPLIT_SEED_OFFSET[split] + n)
-    return [Example(draw_cards(s, image_size)[0], f"{ZOOM_QUESTION} {ZOOM_FORMAT}", str(card_digit(s)), s) for s in seeds]
-
-
-def card_digit(seed: int) -> int:
-    """The digit on the red card of scene `seed`."""
-    _, marked, digits = draw_cards(seed)
-    return digits[marked - 1]
+    out = []
+    for seed in range(SPLIT_SEED_OFFSET[split], SPLIT_SEED_OFFSET[split] + n):
+        image, marked, digits = draw_cards(seed, image_size)
+        out.append(Example(image, f"{ZOOM_QUESTION} {ZOOM_FORMAT}", str(digits[marked - 1]), seed))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- MAT (agentic)

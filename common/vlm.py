@@ -7,6 +7,7 @@ checkpoint. What the training scripts need from a model is three things: a batch
 """
 
 import inspect
+import itertools
 import os
 
 import huggingface_hub.constants
@@ -262,7 +263,7 @@ def select(inputs, indices):
         return {k: v[indices] for k, v in inputs.items()}
     out = {k: v[indices] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
     per_row = inputs.get("images_per_row", torch.ones(len(inputs["input_ids"]), dtype=torch.long)).tolist()
-    first = [sum(per_row[:i]) for i in range(len(per_row))]  # each row's first image
+    first = [0, *itertools.accumulate(per_row)]  # each row's first image
     images = [j for i in indices.tolist() for j in range(first[i], first[i] + per_row[i])]
     blocks = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
     out["pixel_values"] = torch.cat([blocks[j] for j in images]) if images else inputs["pixel_values"][:0]

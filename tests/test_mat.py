@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from common import tasks
+from common.sandbox import available
 from common.tasks import Example, f1_reward, load_mat, mat_answers, mat_example, search_tool, token_f1
 
 
@@ -312,15 +313,7 @@ def test_mat_example_of_a_plain_row(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- python tool
-def sandbox_missing():
-    try:
-        from common.sandbox import available
-    except ImportError as e:
-        return f"common.sandbox not importable: {e}"
-    return available()
-
-
-needs_sandbox = pytest.mark.skipif(bool(sandbox_missing()), reason=str(sandbox_missing()))
+needs_sandbox = pytest.mark.skipif(available() is not None, reason=str(available()))
 
 
 @pytest.fixture
