@@ -1,7 +1,7 @@
 """The algorithms side by side: every algos/*_vlm.py on one task with its defaults, for seeds 1..S, one run at a time
 (each as a user runs it: the wall times are honest), then a markdown table and a picture of the eval curves.
 
-    python benchmarks/compare.py --seeds 2          # the five scripts on counting: about 30 minutes on a 2-core CPU
+    python benchmarks/compare.py --seeds 2          # the six scripts on counting: 30+ minutes on a 2-core CPU
     python benchmarks/compare.py --seeds 3 --scripts algos/grpo_vlm.py algos/rloo_vlm.py -- --total-steps 100
 
 Flags after `--` (or in --script-args) go to every script. What it writes under --out (default runs/benchmark):
@@ -61,8 +61,9 @@ class Run(NamedTuple):
 
 
 def last_step(run_dir: Path) -> int | None:
-    """The step the run ends at when it finishes: its --total-steps, defaults resolved, from the args.json every
-    script writes into its run directory (common.runs.start_run); None without one."""
+    """The step the run ends at when it finishes: its --total-steps, defaults resolved (the task's budget for the
+    script: task.total_steps, PPO's task.ppo_total_steps), from the args.json every script writes into its run
+    directory (common.runs.start_run); None without one."""
     path = run_dir / "args.json"
     return json.loads(path.read_text())["total_steps"] if path.is_file() else None
 

@@ -7,10 +7,10 @@ docs' arithmetic predicts, part by part, next to what torch measures.
 
 The models are random-init with the architecture and sizes of the published checkpoints (their config.json
 values are written below: the hub is out of reach here), our tokenizer carrying Qwen's special tokens, and
-the family's real image processor. One step is algos/grpo_vlm.py's: a rollout with HF `generate` (B prompts ×
-G samples, one image each, max_new_tokens new tokens; a random model rarely says EOS, so every response is
-full length), rewards, group advantages, log-probs under the reference, then micro-batched forward/backward
-with `grpo_loss` and one optimizer step. The rewards are random, so no group has all-equal rewards and the
+the family's real image processor. One step is algos/grpo_vlm.py's: a rollout with HF `generate` (common.policy's
+Sampler: B prompts × G samples, one image each, max_new_tokens new tokens; a random model rarely says EOS, so every
+response is full length), rewards, group advantages, log-probs under the reference, then micro-batched
+forward/backward with `grpo_loss` (gradient_accumulation) and one optimizer step. The rewards are random, so no group has all-equal rewards and the
 update sees all B·G sequences: the most a step can take. Each recipe runs a short warm-up step and one
 measured step: CUDA's peak allocated bytes per phase (rollout; training = reference scoring + update), the parts held
 after the backward pass, and the times.
@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from algos.grpo_vlm import group_advantages, grpo_loss  # noqa: E402  (the script's own heart)
 from common.families import QWEN_FAMILIES, TEXT, TINY_QWEN, qwen_vlm  # noqa: E402
 from common.optim import make_optimizer, memory_bytes  # noqa: E402
-from common.policy import micro_batch_logprobs, micro_batches, prepare_policy, reference_logprobs  # noqa: E402
-from common.vlm import build_prompts, generate, response_mask, select, stop_token_id, suppressed_token_ids  # noqa: E402
+from common.policy import Sampler, batch_logprobs, gradient_accumulation, prepare_policy, reference_logprobs  # noqa: E402
+from common.tasks import Example  # noqa: E402
+from common.vlm import build_prompts  # noqa: E402
 
 QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")  # fmt: skip
@@ -142,8 +143,8 @@ def predicted_bytes(model, flags: dict, micro_batch_size: int, sequences: int, p
     return parts
 
 
-def grpo_step(model, ref_model, optimizer, processor, prompts, flags, G, max_new_tokens, mb, device, optimizer_step=True) -> dict:
-    """One step of algos/grpo_vlm.py, with the peak memory and time of each phase."""
+def grpo_step(model, ref_model, optimizer, processor, examples, flags, G, max_new_tokens, mb, device, optimizer_step=True) -> dict:
+    """One step of algos/grpo_vlm.py on the B `examples`, with the peak memory and time of each phase."""
     cuda = device == "cuda"
 
     def now():  # CUDA runs asynchronously: wait for it before reading the clock
@@ -162,27 +163,24 @@ def grpo_step(model, ref_model, optimizer, processor, prompts, flags, G, max_new
 
     out = {}
     start = phase_start()  # 1. rollout: G samples per prompt
-    model.eval()
-    response_ids = generate(model, processor, prompts, G, max_new_tokens, 1.0, greedy=False)
-    model.train()
-    mask = response_mask(response_ids, stop_token_id(processor))  # (B*G, T)
+    sampler = Sampler(model, processor, None, None, device, max_new_tokens, 100_000, 1.0, 1, "all")  # HF generate
+    batch = sampler.sample(examples, G)  # (B*G, T) responses
     out["rollout peak"], out["rollout peak reserved"] = peak()
     out["rollout s"] = time.perf_counter() - start
-    out["response tokens"] = int(mask.sum())
+    out["response tokens"] = int(batch.mask.sum())
 
     start = phase_start()  # 2.-4. reward (random: every group kept), advantage, reference, update
-    inputs = select(prompts, [i for i in range(len(prompts["input_ids"])) for _ in range(G)])
-    advantages = group_advantages(torch.rand(len(response_ids)), G).to(device)
-    suppressed, N = suppressed_token_ids(processor), len(response_ids)
-    scoring = (inputs, response_ids, mask, suppressed, 1.0, mb)
+    batch.rewards = torch.rand(len(batch))
+    batch.advantages = group_advantages(batch.rewards, G).to(device)
     reference = model if flags["lora"] else ref_model  # as load_policy: LoRA's reference is the adapter-less policy
-    ref_logprobs = reference_logprobs(reference, *scoring) if flags["beta"] > 0 else None
+    if flags["beta"] > 0:
+        batch.ref_logprobs = reference_logprobs(reference, batch, mb)
     optimizer.zero_grad(set_to_none=True)
-    for rows in micro_batches(N, mb):
-        logprobs = micro_batch_logprobs(model, rows, *scoring[:-1])
-        ref = logprobs.detach() if ref_logprobs is None else ref_logprobs[rows]
-        loss = grpo_loss(logprobs, logprobs.detach(), ref, advantages[rows], mask[rows], 0.2, flags["beta"])[0]
-        (loss * len(logprobs) / N).backward()
+    for micro in gradient_accumulation(batch, mb, model):
+        logprobs = batch_logprobs(model, micro)
+        ref = logprobs.detach() if micro.ref_logprobs is None else micro.ref_logprobs
+        loss = grpo_loss(logprobs, logprobs.detach(), ref, micro.advantages, micro.mask, 0.2, flags["beta"])[0]
+        (loss * len(micro) / len(batch)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     out["parts"] = dict(memory_bytes(model, optimizer, ref_model)[0][str(next(model.parameters()).device)])
     optimizer_start = now()
@@ -205,18 +203,18 @@ def run_recipe(name: str, args: Args, device: str) -> dict:
     if flags["beta"] > 0 and not flags["lora"]:
         ref_model = build_model(model_name, args.size, device, pixels)[0].eval().requires_grad_(False)
     image = Image.new("RGB", (args.image_size, args.image_size), (128, 96, 64))
-    prompts = build_prompts(processor, [image] * B, ["How many objects are in the image? Think, then answer."] * B, 100_000)
+    examples = [Example(image, "How many objects are in the image? Think, then answer.", "3")] * B
+    prompts = build_prompts(processor, [e.image for e in examples], [e.question for e in examples], 100_000)
     prompt_len = int(prompts["attention_mask"].sum(1).max())
     predicted = predicted_bytes(model, flags, args.micro_batch_size, B * G, prompt_len, T)
     lora = LORA_ARGS if flags["lora"] else None
     model = prepare_policy(model, gradient_checkpointing=flags["gradient_checkpointing"], lora=lora)
     optimizer = make_optimizer(flags["optimizer"], model.parameters(), lr=1e-6)
     setup_s = time.perf_counter() - built
-    prompts = prompts.to(device)
     # a short warm-up step (first calls: CUDA's libraries, kernel choices), without the optimizer step (the offloaded
     # one takes seconds whatever the length), then the measured step
-    warmup = grpo_step(model, ref_model, optimizer, processor, prompts, flags, G, min(T, 8), args.micro_batch_size, device, False)
-    measured = grpo_step(model, ref_model, optimizer, processor, prompts, flags, G, T, args.micro_batch_size, device)
+    warmup = grpo_step(model, ref_model, optimizer, processor, examples, flags, G, min(T, 8), args.micro_batch_size, device, False)
+    measured = grpo_step(model, ref_model, optimizer, processor, examples, flags, G, T, args.micro_batch_size, device)
     result = {
         "recipe": name, "model": model_name, "flags": flags, "device": device, "prompt tokens": prompt_len,
         "B": B, "G": G, "max_new_tokens": T, "micro_batch_size": args.micro_batch_size, "setup s": setup_s,

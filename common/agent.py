@@ -17,6 +17,7 @@ result (text or an image) becomes the next user turn; otherwise the turn is the 
     --train-turns last   only the last model turn (RLLaVA's, which folds earlier turns into the prompt): an ablation
 
 A tool is a function (argument: str, example) -> str | PIL image; the task's tools are named in common/tasks.py.
+`greedy_rewards` is the held-out evaluation: each example's greedy response (one-turn tasks) or greedy episode.
 """
 
 import re
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 
 from common.dist import all_max
-from common.vlm import generate, select, stop_token_id
+from common.vlm import build_prompts, generate, select, stop_token_id
 
 TOOL_CALL = re.compile(r"<tool>\s*([A-Za-z_]\w*)\((.*?)\)\s*</tool>", re.DOTALL)
 MAX_TOOL_TEXT = 2000  # characters of a tool's text result the model reads (a flood is cut, with a note)
@@ -168,6 +169,29 @@ def run_episodes(model, rollout_engine, processor, prompts, examples, num_sample
             episode.tool_calls += 1
             add_tool_turn(episode, processor, call_tool(tools, call, episode.example))
     return episodes
+
+
+@torch.no_grad()
+def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, max_prompt_tokens: int, batch_size=100,
+                   tools: dict | None = None, max_turns: int = 1):  # fmt: skip
+    """The reward of each example's greedy response (evaluation: no sampling noise, no format bonus); with tools, of
+    its greedy episode's last turn (run_episodes)."""
+    was_training = model.training
+    model.eval()
+    rewards = []
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size]
+        images = [e.image for e in batch]
+        prompts = build_prompts(processor, images, [e.question for e in batch], max_prompt_tokens).to(model.device)
+        if tools:
+            episodes = run_episodes(model, None, processor, prompts, batch, 1, max_new_tokens, 1.0, True, tools, max_turns)
+            texts = [e.answer for e in episodes]
+        else:
+            response_ids = generate(model, processor, prompts, 1, max_new_tokens, 1.0, greedy=True)
+            texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        rewards += [reward_fn(t, e.answer) for t, e in zip(texts, batch)]
+    model.train(was_training)
+    return rewards
 
 
 def episode_batch(prompts, episodes: list[Episode], eos_id: int, train_turns: str = "all"):

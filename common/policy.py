@@ -1,41 +1,65 @@
-"""The actor and the reference, handled the same way by every algorithm: loading them as the flags say, sampling
-responses (HF generate or the vLLM engine), and scoring responses micro-batch by micro-batch."""
+"""The actor and the reference, handled the same way by every algorithm: the task's data, loading the models as the
+flags say, sampling rollouts (`Sampler`: HF generate or the vLLM engine, one turn or agentic episodes) into a
+`Rollouts` batch, and scoring a batch's responses micro-batch by micro-batch."""
 
+import contextlib
+import dataclasses
 import os
+import random
 import re
 
 import torch
+import torch.nn.functional as F
 
-from common.agent import episode_batch, run_episodes
+from common import dist
+from common.agent import episode_batch, greedy_rewards, run_episodes
 from common.dist import wrap
 from common.runs import weights_fingerprint
-from common.vlm import generate, load_vlm, response_logprobs, response_mask, select, stop_token_id, vision_tower
+from common.tasks import load_task
+from common.tiny_vlm import tiny_processor
+from common.vlm import build_prompts, generate, load_processor, load_vlm, response_logprobs, response_mask, select
+from common.vlm import stop_token_id, suppressed_token_ids, vision_tower
 
 
-def load_policy(args, model_path: str, checkpoint: str | None, state: dict | None, device: str):
+def load_data(task: str, dataset: str | None, train_size: int, eval_size: int, model: str, min_pixels: int | None,
+              max_pixels: int | None, max_prompt_tokens: int, check_rows: int) -> tuple[list, list]:  # fmt: skip
+    """(train examples, held-out examples) of `task` (`dataset`: a real one, else the offline twin), after checking
+    with the processor alone, before any weights load, that the first `check_rows` prompts of each fit
+    max_prompt_tokens (if not, one line says what to do). model: 'tiny' or a hub id / checkpoint dir."""
+    train = load_task(task, "train", train_size, dataset)
+    held_out = load_task(task, "eval", eval_size, dataset)
+    if model == "tiny":
+        processor = tiny_processor(task, min_pixels, max_pixels)
+    else:
+        processor = load_processor(model, min_pixels, max_pixels)
+    for examples in (train[:check_rows], held_out[:check_rows]):
+        build_prompts(processor, [e.image for e in examples], [e.question for e in examples], max_prompt_tokens)
+    return train, held_out
+
+
+def load_policy(model_path: str, dtype: str, device: str, with_reference: bool, min_pixels: int | None = None,
+                max_pixels: int | None = None, lora: dict | None = None, freeze_vision_tower: bool = False,
+                gradient_checkpointing: bool = False, dist_mode: str = "fsdp", checkpoint: str | None = None,
+                reference_fingerprint: str | None = None):  # fmt: skip
     """(model, processor, reference, reference_fingerprint): the actor (the policy we train), made trainable as the
-    memory flags say, and the reference (the frozen KL anchor, the initial policy): None with --beta 0 or in a script
-    without a KL term (no args.beta), a frozen copy of model_path, or with --lora the policy itself (scored with its
-    adapters disabled: the base weights, no second copy). Under torchrun a frozen copy is sharded like the actor
-    (common/dist.py); the actor is wrapped by the script. A resumed run's actor comes from its checkpoint (`state`
-    its state.pt): its full weights, or the base and its adapters; its reference must be the one the run started
-    with (the fingerprint says)."""
-    dtype = getattr(torch, args.dtype)
-    policy_path = os.path.join(checkpoint, "model") if checkpoint and not args.lora else model_path
-    model, processor = load_vlm(policy_path, dtype, device, args.min_pixels, args.max_pixels)
-    fingerprint = weights_fingerprint(model) if args.lora else None  # LoRA: the base model is the reference
-    lora = dict(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=list(args.lora_target_modules)) if args.lora else None  # fmt: skip
-    adapter_dir = os.path.join(checkpoint, "adapter") if checkpoint and args.lora else None
-    model = prepare_policy(model, args.freeze_vision_tower, args.gradient_checkpointing, lora, adapter_dir)
-    reference, beta = None, getattr(args, "beta", 0.0)
-    if beta > 0 and args.lora:
+    memory flags say (prepare_policy), and with `with_reference` the reference (the frozen KL anchor, the initial
+    policy): a frozen copy of model_path, or with `lora` the policy itself (scored with its adapters disabled: the
+    base weights, no second copy); else None. Under torchrun a frozen copy is sharded like the actor (common/dist.py);
+    the actor is wrapped by the script. A resumed run's actor comes from its `checkpoint`: its full weights, or the
+    base and its adapters; its reference must be the one the run started with (`reference_fingerprint` says)."""
+    policy_path = os.path.join(checkpoint, "model") if checkpoint and lora is None else model_path
+    model, processor = load_vlm(policy_path, getattr(torch, dtype), device, min_pixels, max_pixels)
+    fingerprint = weights_fingerprint(model) if lora is not None else None  # LoRA: the base model is the reference
+    adapter_dir = os.path.join(checkpoint, "adapter") if checkpoint and lora is not None else None
+    model = prepare_policy(model, freeze_vision_tower, gradient_checkpointing, lora, adapter_dir)
+    reference = None
+    if with_reference and lora is not None:
         reference = model
-    elif beta > 0:
-        reference = load_vlm(model_path, dtype, device, args.min_pixels, args.max_pixels)[0].eval().requires_grad_(False)
+    elif with_reference:
+        reference = load_vlm(model_path, getattr(torch, dtype), device, min_pixels, max_pixels)[0].eval().requires_grad_(False)
         fingerprint = weights_fingerprint(reference)
-        reference = wrap(reference, args.dist, trainable=False)  # torchrun: FSDP2 shards it too (DDP: a replica)
-    if checkpoint and fingerprint != state["reference_fingerprint"]:
+        reference = wrap(reference, dist_mode, trainable=False)  # torchrun: FSDP2 shards it too (DDP: a replica)
+    if checkpoint and fingerprint != reference_fingerprint:
         raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
     return model, processor, reference, fingerprint
 
@@ -66,14 +90,128 @@ def prepare_policy(model, freeze_vision_tower: bool = False, gradient_checkpoint
     return model.train()
 
 
+@dataclasses.dataclass
+class Rollouts:
+    """One rollout batch: a row per response (or agentic episode), ordered p0 x G, p1 x G, ... `batch[rows]` is the
+    batch of those rows (a slice, a list or a tensor of indices), every per-row field indexed alike, the prompts'
+    images included. The algorithm fills in what it computes per row (advantages, old/ref log-probs, values)."""
+
+    inputs: dict  # the prompts, a processor batch: row i is response i's, with its images (an episode's tool images too)
+    response_ids: torch.Tensor  # (N, T), EOS-padded
+    mask: torch.Tensor  # (N, T): 1 on the model-written tokens trained on (up to the end-of-turn token), else 0
+    completions: list[str]  # what the reward reads: the response's text (an episode's last turn)
+    examples: list  # the example (tasks.Example) each row answers
+    tool_calls: torch.Tensor  # (N,): tool calls per episode (0 for one-turn tasks)
+    group_size: int  # G, responses per prompt
+    suppressed_ids: list[int]  # scored as sampled: these tokens masked out ...
+    temperature: float  # ... at the sampling temperature
+    rewards: torch.Tensor | None = None  # (N,)
+    advantages: torch.Tensor | None = None  # (N,), one per response, or (N, T), one per token (PPO)
+    old_logprobs: torch.Tensor | None = None  # (N, T) under the sampling policy
+    ref_logprobs: torch.Tensor | None = None  # (N, T) under the reference
+    old_values: torch.Tensor | None = None  # (N, T) the critic's (PPO)
+    returns: torch.Tensor | None = None  # (N, T) the critic's targets (PPO)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def sequences(self) -> int:
+        """The rows that are responses, not torchrun's padding (keep): what a per-response mean divides by. A response
+        has at least one token trained on (its end-of-turn token, at least); a padding row has none."""
+        return int((self.mask.sum(1) > 0).sum())
+
+    def __getitem__(self, rows) -> "Rollouts":
+        index = list(range(len(self)))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()
+        picked = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if torch.is_tensor(value):
+                picked[f.name] = value[index]
+            elif f.name in ("completions", "examples"):
+                picked[f.name] = [value[i] for i in index]
+        return dataclasses.replace(self, inputs=select(self.inputs, index), **picked)
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """x, a sum over this batch's rows, summed over the whole step's batch: under torchrun every rank holds a part
+        of it, and a mean or variance over the batch needs every part's sum (PPO's whitening)."""
+        return dist.all_sum(x)
+
+    def keep(self, rows: list[int]) -> "Rollouts":
+        """The batch of `rows` for the update. Under torchrun every rank then keeps as many rows, the ones added
+        (copies of row 0) with mask and advantage 0, so that every rank runs the same micro-batches, even one that
+        keeps none."""
+        rows, padding = dist.even_rows(rows)
+        kept = self[rows]
+        if padding:
+            kept.mask[len(rows) - padding :] = 0
+            if kept.advantages is not None:
+                kept.advantages[len(rows) - padding :] = 0
+        return kept
+
+
+class Sampler:
+    """Samples rollouts with the current policy: HF generate, or the co-located vLLM engine (wake, push the current
+    weights, sample, sleep; common/rollout.py); with tools, multi-turn episodes (common/agent.py)."""
+
+    def __init__(self, model, processor, rollout_engine, tools: dict | None, device: str, max_new_tokens: int,
+                 max_prompt_tokens: int, temperature: float, max_turns: int, train_turns: str):  # fmt: skip
+        self.model, self.processor, self.engine, self.tools, self.device = model, processor, rollout_engine, tools, device
+        self.max_new_tokens, self.max_prompt_tokens, self.temperature = max_new_tokens, max_prompt_tokens, temperature
+        self.max_turns, self.train_turns = max_turns, train_turns
+        self.suppressed_ids = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
+
+    def sample(self, examples: list, num_samples: int) -> Rollouts:
+        """num_samples responses (or episodes) to each example's prompt, ordered p0 x G, p1 x G, ..."""
+        questions = [e.question for e in examples]
+        prompts = build_prompts(self.processor, [e.image for e in examples], questions, self.max_prompt_tokens).to(self.device)
+        inputs, response_ids, mask, completions, tool_calls = sample(
+            self.model, self.engine, self.processor, prompts, examples, num_samples, self.max_new_tokens,
+            self.temperature, self.tools, self.max_turns, self.train_turns)  # fmt: skip
+        rows = [e for e in examples for _ in range(num_samples)]
+        return Rollouts(inputs, response_ids, mask, completions, rows, tool_calls, num_samples, self.suppressed_ids, self.temperature)
+
+    def evaluate(self, examples: list, reward_fn, summarize) -> dict:
+        """Held-out metrics of greedy responses (episodes), summarize(rewards, "eval"), split over torchrun's ranks."""
+        rewards = dist.split_map(lambda part: greedy_rewards(self.model, self.processor, part, reward_fn, self.max_new_tokens,
+                                 self.max_prompt_tokens, tools=self.tools, max_turns=self.max_turns), examples)  # fmt: skip
+        return summarize(rewards, "eval")
+
+
+    def refill(self, batch: Rollouts, slots: list[int], new: Rollouts, informative: torch.Tensor) -> Rollouts:
+        """`batch` with its groups `slots` replaced, in order, by the groups of `new` that are `informative` ((B',)
+        bool), as many as both have, their rewards included: the prompts rebuilt, the responses EOS-padded to one
+        width. One-turn responses only (an agentic episode carries its own images)."""
+        groups = informative.nonzero().squeeze(1).tolist()
+        G, pairs, eos = batch.group_size, list(zip(slots, groups)), stop_token_id(self.processor)
+        if not pairs:
+            return batch
+        width = max(batch.response_ids.shape[1], new.response_ids.shape[1])
+        response_ids, new_ids = (F.pad(b.response_ids, (0, width - b.response_ids.shape[1]), value=eos) for b in (batch, new))
+        rewards, examples, completions = batch.rewards.clone(), list(batch.examples), list(batch.completions)
+        for slot, k in pairs:
+            old_rows, new_rows = slice(slot * G, slot * G + G), slice(k * G, k * G + G)
+            response_ids[old_rows], rewards[old_rows] = new_ids[new_rows], new.rewards[new_rows]
+            examples[old_rows], completions[old_rows] = new.examples[new_rows], new.completions[new_rows]
+        firsts = examples[::G]  # one per prompt
+        prompts = build_prompts(self.processor, [e.image for e in firsts], [e.question for e in firsts], self.max_prompt_tokens)
+        inputs = select(prompts.to(self.device), [i for i in range(len(firsts)) for _ in range(G)])
+        return dataclasses.replace(batch, inputs=inputs, response_ids=response_ids, mask=response_mask(response_ids, eos),
+                                   completions=completions, examples=examples, rewards=rewards)  # fmt: skip
+
+
+def draw_examples(examples: list, n: int) -> list:
+    """n random examples more for this rank's rollouts (random.sample). Under torchrun every rank draws as many as the
+    rank that needs the most, since a rollout's forwards are collectives: [] when no rank needs any."""
+    most = dist.all_max(n)
+    return dist.shard(random.sample(examples, most * dist.world_size())) if most else []
+
+
 def sample(model, rollout_engine, processor, prompts, examples, num_samples: int, max_new_tokens: int, temperature: float,
            tools: dict | None = None, max_turns: int = 1, train_turns: str = "all"):  # fmt: skip
     """num_samples responses per prompt, ordered p0 x G, p1 x G, ..., sampled with HF generate (rollout_engine None)
-    or the co-located vLLM engine (wake, push the current weights, sample, sleep; common/rollout.py). With tools, each
-    is a multi-turn episode (common/agent.py). Returns (inputs, response_ids, mask, completions, tool_calls): inputs,
-    the prompts (B*G rows, each with its episode's images); response_ids, mask (B*G, T): mask 1 on the model-written
-    tokens trained on (up to the end-of-turn token; an episode's tool turns 0); completions, the texts the reward
-    reads (an episode's last turn); tool_calls (B*G,), how many tool calls each made."""
+    or the co-located vLLM engine. With tools, each is a multi-turn episode (common/agent.py). Returns (inputs,
+    response_ids, mask, completions, tool_calls), the fields of a Rollouts batch."""
     model.eval()
     if tools:
         episodes = run_episodes(model, rollout_engine, processor, prompts, examples, num_samples, max_new_tokens, temperature, False, tools, max_turns)
@@ -96,27 +234,28 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def micro_batch_logprobs(model, rows: slice, inputs, response_ids, mask, suppressed_ids, temperature: float, hidden_states: bool = False):
-    """log π of the responses in `rows` (a micro-batch), with gradients when they are enabled: (rows, T).
-    inputs: the N prompts (a processor batch, row i is response i's prompt); response_ids, mask: (N, T).
-    With hidden_states, (log-probs, last hidden states (rows, T, H)): see response_logprobs."""
-    prompts = select(inputs, range(rows.start, rows.stop))
-    return response_logprobs(model, prompts, response_ids[rows], mask[rows], suppressed_ids, temperature, hidden_states)
+def gradient_accumulation(batch: Rollouts, micro_batch_size: int, *trainers):
+    """The batch in micro-batches of micro_batch_size rows, for one forward/backward each, gradients accumulating.
+    Under torchrun the gradients are reduced over ranks once, in the last one's backward (common.dist.accumulate)."""
+    for rows in dist.accumulate(micro_batches(len(batch), micro_batch_size), *trainers):
+        yield batch[rows]
+
+
+def batch_logprobs(model, batch: Rollouts, hidden_states: bool = False):
+    """log π of the batch's responses, with gradients when they are enabled: (N, T), 0 where mask == 0. With
+    hidden_states, (log-probs, last hidden states (N, T, H)): see common.vlm.response_logprobs."""
+    return response_logprobs(model, batch.inputs, batch.response_ids, batch.mask, batch.suppressed_ids, batch.temperature, hidden_states)
 
 
 @torch.no_grad()
-def sequence_logprobs(model, inputs, response_ids, mask, suppressed_ids, temperature: float, micro_batch_size: int):
-    """log-probs of all N responses under `model`, micro-batch by micro-batch, no gradients: (N, T)."""
-    scoring = (inputs, response_ids, mask, suppressed_ids, temperature)
-    chunks = [micro_batch_logprobs(model, rows, *scoring) for rows in micro_batches(len(response_ids), micro_batch_size)]
-    return torch.cat(chunks) if chunks else torch.zeros_like(mask)
+def sequence_logprobs(model, batch: Rollouts, micro_batch_size: int) -> torch.Tensor:
+    """log-probs of every response of the batch under `model`, micro-batch by micro-batch, no gradients: (N, T)."""
+    chunks = [batch_logprobs(model, batch[rows]) for rows in micro_batches(len(batch), micro_batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros_like(batch.mask)
 
 
-def reference_logprobs(reference, inputs, response_ids, mask, suppressed_ids, temperature: float, micro_batch_size: int):
+def reference_logprobs(reference, batch: Rollouts, micro_batch_size: int) -> torch.Tensor:
     """sequence_logprobs under the reference (load_policy): a frozen copy, or the LoRA policy with its adapters
     disabled, which is exactly the initial policy."""
-    scoring = (inputs, response_ids, mask, suppressed_ids, temperature, micro_batch_size)
-    if hasattr(reference, "disable_adapter"):  # a peft model (transformers' own models have disable_adapters)
-        with reference.disable_adapter():
-            return sequence_logprobs(reference, *scoring)
-    return sequence_logprobs(reference, *scoring)
+    with reference.disable_adapter() if hasattr(reference, "disable_adapter") else contextlib.nullcontext():
+        return sequence_logprobs(reference, batch, micro_batch_size)

@@ -1,9 +1,12 @@
-"""A run's directory, its metrics and its checkpoints: what every algorithm does the same way.
+"""A run's machinery, what every algorithm does the same way: `Run` (--resume, Ctrl-C / kill, the run directory and
+its metrics, the progress bar, the first and last evaluation, checkpoints and the final save), and the functions it
+uses.
 
     <output_dir>/<run_name>/
         metrics.jsonl        one strict-JSON object per line: step 0's eval, then one per step
         checkpoint-<step>/   the latest checkpoint (--save-every): the policy (model/ or adapter/), optimizer.pt, state.pt
         model/ or adapter/   the trained policy, saved at the end (or when the run is stopped)
+        <name>.pt            each entry of the script's extra state, saved at the end (PPO: value_head.pt)
 
 A checkpoint is written to checkpoint-<step>.tmp/ and then renamed, which is atomic: a run killed while writing
 one leaves the previous checkpoint whole. `--resume <run dir>` continues from the latest checkpoint, in the same
@@ -21,9 +24,13 @@ import re
 import shutil
 import signal
 
+import time
+
 import torch
+from tqdm import tqdm
 
 from common import dist
+from common.tasks import get_task
 
 
 def new_run_dir(output_dir: str, run_name: str) -> str:
@@ -39,41 +46,6 @@ def new_run_dir(output_dir: str, run_name: str) -> str:
         except FileExistsError:
             continue
     raise SystemExit(f"{output_dir} holds 10,000 runs named {run_name}: pass another --output-dir or --exp-name")
-
-
-def check_flags(args):
-    """The flags every script shares, before anything loads: the first bad one ends the run with one line that
-    names the fix. (A script checks its algorithm's own flags itself.)"""
-    world = dist.world_size()  # torchrun's WORLD_SIZE: known before the process group exists
-    sharded = world > 1 and args.dist == "fsdp"
-    checks = [
-        (args.total_steps < 1, f"--total-steps {args.total_steps}: train for at least 1 step"),
-        (args.prompts_per_step < 1, f"--prompts-per-step {args.prompts_per_step}: use 1 or more"),
-        (args.prompts_per_step > args.train_size, f"--prompts-per-step {args.prompts_per_step} > --train-size {args.train_size}: raise --train-size"),
-        (args.eval_size < 1, f"--eval-size {args.eval_size}: eval/accuracy needs at least 1 held-out example"),
-        (args.eval_every < 1, f"--eval-every {args.eval_every}: evaluate every 1 or more steps"),
-        (args.micro_batch_size < 1, f"--micro-batch-size {args.micro_batch_size}: use 1 or more sequences"),
-        (args.temperature <= 0, f"--temperature {args.temperature}: sampling needs a temperature > 0 (1 samples the policy)"),
-        (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: allow 1 or more"),
-        (args.max_prompt_tokens < 1, f"--max-prompt-tokens {args.max_prompt_tokens}: allow 1 or more"),
-        (args.max_turns < 1, f"--max-turns {args.max_turns}: allow 1 or more model turns per episode"),
-        (args.lr <= 0, f"--lr {args.lr}: use a learning rate > 0"),
-        (args.max_grad_norm <= 0, f"--max-grad-norm {args.max_grad_norm}: use a norm > 0"),
-        (not 0 <= args.format_reward < 1, f"--format-reward {args.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
-        (args.save_every < 0, f"--save-every {args.save_every}: use 0 (no checkpoints) or more"),
-        (args.lora_rank < 1, f"--lora-rank {args.lora_rank}: use 1 or more"),
-        (not 0 <= args.lora_dropout < 1, f"--lora-dropout {args.lora_dropout}: use 0 <= it < 1"),
-        (args.lora_merge and not args.lora, "--lora-merge merges LoRA adapters into the model: add --lora"),
-        (args.min_pixels is not None and args.min_pixels < 1, f"--min-pixels {args.min_pixels}: use 1 or more"),
-        (args.max_pixels is not None and args.max_pixels < 1, f"--max-pixels {args.max_pixels}: use 1 or more"),
-        # torchrun (common/dist.py)
-        (args.prompts_per_step % world != 0, f"--prompts-per-step {args.prompts_per_step} does not split over {world} ranks: use a multiple of {world}"),
-        (sharded and args.optimizer != "adamw", f"--optimizer {args.optimizer}: bitsandbytes' 8-bit state needs whole tensors, FSDP2 shards them: use --dist ddp or --optimizer adamw"),
-        (sharded and args.lora_merge, "--lora-merge under FSDP2: merge the saved <run>/adapter afterwards (docs/grpo_vlm.md#torchrun), or use --dist ddp"),
-    ]  # fmt: skip
-    for bad, message in checks:
-        if bad:
-            raise SystemExit(message)
 
 
 def start_run(args, checkpoint: str | None, state: dict | None, start_time: float):
@@ -283,3 +255,124 @@ class StopSignals:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class Run:
+    """One training run, as the loop sees it:
+
+        with Run(args) as run:               # --resume: run.args are the run's own flags, run.checkpoint its latest
+            ...                              # setup (a resumed run loads its policy from run.checkpoint)
+            run.start(model, processor, optimizer, evaluate, reference_fingerprint)  # step 0's eval, or the resume
+            for step in run.steps():         # a progress bar; ends early after a Ctrl-C / kill (checkpoint saved)
+                ...
+                run.log(record, batch)       # the shared charts, eval when due, metrics.jsonl / wandb, checkpoints
+            run.finish()                     # <run>/model (or adapter), the summary line
+
+    A first Ctrl-C or SIGTERM in the loop finishes the step, saves a checkpoint and the policy; a second one stops at
+    once (the block's end turns it into one line saying where to resume from)."""
+
+    def __init__(self, args):
+        self.checkpoint = self.state = None
+        if args.resume is not None:  # the run's own flags, from its latest checkpoint
+            args, self.checkpoint, self.state = resumed_args(args, type(args)())
+        self.args, self.dir, self.step, self.in_loop, self.stopping = args, None, 0, False, False
+        self.start_time = time.time() - (self.state["time"] if self.checkpoint else 0)  # "time" continues over a resume
+
+    def __enter__(self):
+        self.signals = StopSignals(log=tqdm.write)
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.signals.restore()
+        if kind is KeyboardInterrupt and not self.in_loop:
+            raise SystemExit("interrupted before the first step: nothing was trained") from None
+        if kind is KeyboardInterrupt:  # a second Ctrl-C / kill: stopped now, without saving a half-finished step
+            last = latest_checkpoint(self.dir)
+            where = f"continue from {last} with --resume {self.dir}" if last else "no checkpoint was saved"
+            raise SystemExit(f"stopped during step {self.step}: {where}") from None
+
+    def start(self, model, processor, optimizer, evaluate, reference_fingerprint: str | None, extra_state=dict):
+        """The run directory (new or resumed), the optimizer state of a resumed run, and step 0's evaluation.
+        evaluate() -> the held-out metrics {"eval/accuracy": ...}; extra_state() -> what a checkpoint keeps beside the
+        policy and optimizer ({"value_head": PPO's value head}: a module is kept as its full weights), a resumed run's
+        is in run.state; each entry is saved at the end too, as <run>/<name>.pt."""
+        self.model, self.processor, self.optimizer, self.evaluate = model, processor, optimizer, evaluate
+        self.reference_fingerprint, self.extra_state, self.task = reference_fingerprint, extra_state, get_task(self.args.task)
+        if self.checkpoint:
+            load_optimizer(optimizer, self.checkpoint)
+        self.dir, records, self.write, self.close = start_run(self.args, self.checkpoint, self.state, self.start_time)
+        if self.checkpoint:
+            set_rng_states(self.state["rng"])  # the RNG states the run had after its checkpoint's step
+            print(f"resuming {self.dir} after step {self.state['step']}")
+        else:
+            records = [{"step": 0, **evaluate(), "time": round(time.time() - self.start_time, 2)}]
+            self.write(records[0])
+        self.first_eval = {k: v for k, v in records[0].items() if k.startswith("eval/")}
+        self.last_eval = {k: v for r in records for k, v in r.items() if k.startswith("eval/")}
+
+    def steps(self):
+        """The steps left to train, 1..total_steps (a resumed run: after its checkpoint's), with a progress bar."""
+        first = self.state["step"] if self.checkpoint else 0
+        total = self.args.total_steps
+        self.progress = tqdm(range(first + 1, total + 1), desc=self.args.exp_name, dynamic_ncols=True, initial=first,
+                             total=total, disable=dist.rank() > 0)  # fmt: skip
+        self.step, self.in_loop = first, True
+        self.signals.loop_started()
+        for self.step in self.progress:
+            self.step_start = time.time()
+            yield self.step
+            if self.stopping:
+                break
+
+    def log(self, record: dict, batch, rank_shares: dict | None = None):
+        """Log one step: `record` (the same on every rank), `rank_shares` (this rank's share of each global mean:
+        summed over ranks here) and the charts of the rollout batch `batch` (common.policy.Rollouts: rewards, accuracy,
+        lengths, tool calls, equal-reward groups, over every rank's rows). Evaluates when due, then saves a checkpoint
+        when due or when a stop was asked for."""
+        args, step_time = self.args, time.time() - self.step_start
+        rewards, lengths, tool_calls = dist.gather(batch.rewards), dist.gather(batch.mask.sum(1)), dist.gather(batch.tool_calls)
+        grouped = rewards.view(-1, batch.group_size)
+        shares = {k: dist.all_sum(v) for k, v in (rank_shares or {}).items()}
+        record = {
+            "step": self.step,
+            "time": round(time.time() - self.start_time, 2),
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/reward_std": rewards.std().item(),
+            **self.task.summarize(rewards.tolist(), "charts"),  # charts/accuracy (+ charts/iou, charts/f1)
+            "charts/response_length": lengths.mean().item(),
+            "charts/tool_calls": tool_calls.mean().item(),  # per episode (agentic tasks)
+            "charts/zero_advantage_groups": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
+            "charts/step_time": round(step_time, 3),
+            "charts/tokens_per_second": lengths.sum().item() / step_time,
+            **shares,
+            **record,
+        }
+        if self.step % args.eval_every == 0 or self.step == args.total_steps:
+            self.last_eval = self.evaluate()
+            record.update(self.last_eval)
+        self.write(record)
+        self.progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{self.last_eval['eval/accuracy']:.3f}")
+        self.stopping = dist.all_max(int(self.signals.requested)) == 1 and self.step < args.total_steps
+        if (args.save_every and self.step % args.save_every == 0) or self.stopping:
+            state = {"args": vars(args), "reference_fingerprint": self.reference_fingerprint,
+                     "time": time.time() - self.start_time, **self.saved_extra_state()}  # fmt: skip
+            save_checkpoint(self.dir, self.step, self.model, self.processor, self.optimizer, args.lora, state)
+        if self.stopping:
+            tqdm.write(f"interrupted at step {self.step}: checkpoint saved; continue with --resume {self.dir}")
+
+    def saved_extra_state(self) -> dict:
+        """extra_state(), a module in it as its full weights (every rank calls it: FSDP2 gathers them on rank 0)."""
+        return {k: (dist.full_state_dict(v) or v.state_dict()) if isinstance(v, torch.nn.Module) else v
+                for k, v in self.extra_state().items()}  # fmt: skip
+
+    def finish(self):
+        """Save the trained policy (<run>/model, or <run>/adapter with --lora) and each entry of run.start's
+        extra_state (<run>/<name>.pt: PPO's value_head.pt), close the logs, print the summary."""
+        save_policy(self.model, self.processor, self.dir, self.args.lora, self.args.lora_merge)
+        extra = self.saved_extra_state()
+        if dist.rank() == 0:
+            for name, value in extra.items():
+                torch.save(value, os.path.join(self.dir, f"{name}.pt"))
+        self.close()
+        change = ", ".join(f"{k} {self.first_eval[k]:.3f} → {self.last_eval[k]:.3f}" for k in self.first_eval)
+        print(f"{change} in {time.time() - self.start_time:.0f}s; model and metrics in {self.dir}")

@@ -1,5 +1,6 @@
-"""Tasks = data + prompt + reward. Each task has an offline synthetic twin (the default) and a real dataset
-path (`--dataset`, loaded with `datasets.load_dataset`) for users who are online.
+"""Tasks = data + prompt + reward. Each task is one `Task` record in `TASKS` (the end of this file): its offline
+synthetic twin (the default), its real dataset path (`--dataset`), its reward, budgets and tools, and the embedded tiny
+model's warm start. Adding a task is adding a record.
 
 counting: CLEVR-like scenes drawn with Pillow; "How many shapes?"; answer `<answer>N</answer>`, exact match.
   real: BUAADreamer/clevr_count_70k schema (`images`: list of images, `problem`: text with `<image>`,
@@ -11,10 +12,13 @@ grounding: "Where is the red circle?" in a scene of shapes; answer `<answer>[x1,
   real: lmms-lab/RefCOCO schema (`image`, `answer`: list of referring expressions, `bbox`: COCO [x, y, w, h]).
 zoom (agentic, common/agent.py): four face-down cards in a 2x2 scene, one red; "Which number is on the red card?";
   only the tool `zoom(k)`, called as `<tool>zoom(k)</tool>`, shows card k's digit. Answer `<answer>N</answer>`.
+mat-search, mat-coding (agentic): laolao77/MAT, a local copy (`--dataset DIR`); no twin. Tools `search(query)` and
+  `python(code)` (common/sandbox.py); reward = token F1 of the answer.
 """
 
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -25,11 +29,11 @@ import unicodedata
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("counting", "math", "grounding", "zoom", "mat-search", "mat-coding")
 ANSWER_FORMAT = "Answer with <answer>N</answer>."
 COUNTING_QUESTION = "How many shapes?"
 MATH_QUESTION = "Add the two numbers."
@@ -38,12 +42,6 @@ GROUNDING_QUESTION = "Locate {}."  # {} = a referring expression, e.g. "the red 
 BOX_FORMAT = "Answer with <answer>[x1, y1, x2, y2]</answer>."
 ZOOM_QUESTION = "Which number is on the red card?"
 ZOOM_FORMAT = "See card k with <tool>zoom(k)</tool>, k 1-4. Answer with <answer>N</answer>."
-# enough for the synthetic twins' answers (an agentic task's: per turn); MAT's turns hold a thought and a call
-MAX_NEW_TOKENS = {"counting": 8, "math": 8, "grounding": 24, "zoom": 10, "mat-search": 512, "mat-coding": 512}
-# the tiny model's budget, ~10 min on 2 cores; MAT's (a GPU's) a first guess, unmeasured
-TOTAL_STEPS = {"counting": 400, "math": 450, "grounding": 250, "zoom": 300, "mat-search": 200, "mat-coding": 400}
-SUCCESS = {"counting": 1.0, "math": 1.0, "grounding": 0.5, "zoom": 1.0, "mat-search": 1.0, "mat-coding": 1.0}  # reward from which an answer counts as right
-F1_TASKS = ("mat-search", "mat-coding")  # rewarded by token F1: their eval logs the mean F1 too
 
 # Disjoint seed streams: a scene's seed is (split offset + index), so held-out scenes are never trained on.
 SPLIT_SEED_OFFSET = {"train": 0, "warmstart": 1_000_000_000, "eval": 2_000_000_000}
@@ -606,13 +604,19 @@ def grounding_reward(completion: str, answer: str, format_reward: float = 0.0, b
     return max(iou([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], truth["box"]), format_reward)
 
 
-def ideal_response(task: str, example: Example, box_frame=norm1000_frame) -> str:
-    """The shortest response that earns reward 1 (what the tiny model's supervised warm start imitates); an agentic
-    task's last turn (ideal_turns)."""
-    if task in ("counting", "zoom"):
-        return f"<answer>{example.answer}</answer>"
-    if task == "math":
-        return f"\\boxed{{{example.answer}}}"
+# ---------------------------------------------------------------------------------------------- ideal responses
+# What the embedded tiny model's supervised warm start imitates (common/tiny_vlm.py), and the text its tokenizer learns.
+def answer_response(example: Example, box_frame=norm1000_frame) -> str:
+    """`<answer>N</answer>` (counting, zoom's last turn)."""
+    return f"<answer>{example.answer}</answer>"
+
+
+def boxed_response(example: Example, box_frame=norm1000_frame) -> str:
+    return f"\\boxed{{{example.answer}}}"
+
+
+def box_response(example: Example, box_frame=norm1000_frame) -> str:
+    """The true box, rounded, in the family's frame (see grounding_reward)."""
     truth = json.loads(example.answer)
     frame_w, frame_h = box_frame(*truth["image_size"])
     sx, sy = frame_w / truth["image_size"][0], frame_h / truth["image_size"][1]
@@ -620,88 +624,70 @@ def ideal_response(task: str, example: Example, box_frame=norm1000_frame) -> str
     return f"<answer>[{round(x1 * sx)}, {round(y1 * sy)}, {round(x2 * sx)}, {round(y2 * sy)}]</answer>"
 
 
+def zoom_turns(example: Example) -> list[str]:
+    """Zoom on the red card, then answer its digit."""
+    _, marked, _ = draw_cards(example.seed, example.image.width)
+    return [f"<tool>zoom({marked})</tool>", answer_response(example)]
+
+
+def counting_text() -> list[str]:
+    return [ANSWER_FORMAT, COUNTING_QUESTION] + [f"<answer>{n}</answer>" for n in range(100)]
+
+
+def math_text() -> list[str]:
+    return [BOXED_FORMAT, MATH_QUESTION] + [f"\\boxed{{{n}}}" for n in range(100)]
+
+
+def grounding_text() -> list[str]:
+    """The questions (their colours and shapes) and answers of 100 warm-start examples."""
+    examples = grounding_examples("warmstart", 100)
+    return [BOX_FORMAT] + [e.question for e in examples] + [box_response(e) for e in examples]
+
+
+def zoom_text() -> list[str]:
+    calls = [f"<tool>zoom({k})</tool>" for k in range(1, 5)] * 25
+    return [ZOOM_QUESTION, ZOOM_FORMAT] + calls + [f"<answer>{n}</answer>" for n in range(100)]
+
+
+def ideal_response(task: str, example: Example, box_frame=norm1000_frame) -> str:
+    """The shortest response that earns reward 1 (what the tiny model's supervised warm start imitates); an agentic
+    task's last turn (ideal_turns)."""
+    record = get_task(task)
+    if record.ideal_response is None:
+        raise ValueError(f"no ideal response is known for --task {task}")
+    return record.ideal_response(example, box_frame)
+
+
 def ideal_turns(task: str, example: Example) -> list[str]:
     """An agentic task's shortest episode that earns reward 1, turn by turn: call the right tool, then answer (zoom's:
     what the tiny model's warm start imitates)."""
-    if task != "zoom":
+    record = get_task(task)
+    if record.ideal_turns is None:
         raise ValueError(f"no ideal episode is known for --task {task}")
-    _, marked, _ = draw_cards(example.seed, example.image.width)
-    return [f"<tool>zoom({marked})</tool>", ideal_response(task, example)]
+    return record.ideal_turns(example)
 
 
-def tools(task: str) -> dict | None:
-    """The tools a task's episodes may call, by name (common/agent.py); None: one-turn responses, no tools."""
-    return {"zoom": {"zoom": zoom_tool}, "mat-search": {"search": search_tool}, "mat-coding": {"python": python_tool}}.get(task)
-
-
-def reward_fn(task: str, box_frame=norm1000_frame):
-    """The task's reward: (completion, answer, format_reward=0.0) -> float."""
-    if task in ("counting", "zoom"):
-        return counting_reward
-    if task == "math":
-        return math_reward
-    if task == "grounding":
-        return functools.partial(grounding_reward, box_frame=box_frame)
-    if task in F1_TASKS:
-        return f1_reward
-    raise SystemExit(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
-
-
-def summarize(task: str, rewards: list[float], prefix: str) -> dict:
-    """Accuracy (share of answers at or above the task's success reward) and, for grounding, mean IoU; for MAT, F1."""
-    out = {f"{prefix}/accuracy": sum(r >= SUCCESS[task] for r in rewards) / max(len(rewards), 1)}
-    if task == "grounding" or task in F1_TASKS:
-        out[f"{prefix}/{'iou' if task == 'grounding' else 'f1'}"] = sum(rewards) / max(len(rewards), 1)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def load_data(args) -> tuple[list, list]:
-    """(train examples, held-out examples) of --task (--dataset: a real one), after checking with the processor
-    alone, before any weights load, that their prompts fit --max-prompt-tokens (if not, one line says what to do)."""
-    from common.tiny_vlm import tiny_processor  # imported here: tiny_vlm imports this module
-    from common.vlm import build_prompts, load_processor
-
-    train = load_task(args.task, "train", args.train_size, args.dataset)
-    held_out = load_task(args.task, "eval", args.eval_size, args.dataset)
-    if args.model == "tiny":
-        processor = tiny_processor(args.task, args.min_pixels, args.max_pixels)
-    else:
-        processor = load_processor(args.model, args.min_pixels, args.max_pixels)
-    for examples in (train[: args.prompts_per_step], held_out[: args.prompts_per_step]):
-        build_prompts(processor, [e.image for e in examples], [e.question for e in examples], args.max_prompt_tokens)
-    return train, held_out
-
-
-def load_task(task: str, split: str, n: int, dataset: str | None = None, image_size: int = 64):
-    """Examples for a task: the synthetic twin, or `dataset` (a hub id or a local path) via `load_dataset`."""
-    if task not in TASKS:
-        raise SystemExit(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
-    if task in F1_TASKS:
-        if dataset is None:
-            raise SystemExit(f"--task {task} has no offline twin: download MAT and pass --dataset DIR (docs/tasks.md#real-agentic-data-mat)")
-        return load_mat(task, split, n, dataset)
-    if dataset is None:
-        if task == "counting":
-            return counting_examples(split, n, SceneSpec(image_size=image_size))
-        return {"math": math_examples, "grounding": grounding_examples, "zoom": zoom_examples}[task](split, n, image_size)
-    rows = load_rows(dataset, split, n, task)
-    return [{"grounding": refcoco_example}.get(task, problem_example)(row, task) for row in rows]
-
-
-REAL_SCHEMA = {  # columns each task's --dataset needs, and the dataset it was written for
-    "counting": ({"images", "problem", "answer"}, "BUAADreamer/clevr_count_70k"),
-    "math": ({"images", "problem", "answer"}, "hiyouga/geometry3k"),
-    "grounding": ({"image", "answer", "bbox"}, "lmms-lab/RefCOCO"),
-}
-
-
+# ---------------------------------------------------------------------------------------------- real datasets
 HELD_OUT = 0.1  # the share of a dataset without a test split held out for eval (the synthetic twins hold out ~10%)
 ROW = "vlrl_row"  # a column load_rows adds: each row's number in its split, which the shuffled held-out split loses
 
 
-def load_rows(dataset: str, split: str, n: int, task: str):
-    """n rows of a real dataset for `task`, their answers checked. Train rows come from its 'train' split (else
+@dataclass(frozen=True)
+class Schema:
+    """The layout of a task's real dataset (`--dataset`: a hub id or a local dir), and how its rows become examples."""
+
+    columns: frozenset  # the columns a row needs
+    reference: str  # the dataset the schema was written for, named when a column is missing
+    truth: str  # the column of the ground truth, checked on every row before training
+    problem: Callable  # (that column's value) -> what is wrong with it for the task's reward, or None
+    example: Callable  # (row) -> Example
+
+    def load(self, split: str, n: int, dataset: str) -> list[Example]:
+        return [self.example(row) for row in load_rows(dataset, split, n, self)]
+
+
+def load_rows(dataset: str, split: str, n: int, schema: Schema):
+    """n rows of a real dataset in `schema`, their ground truth checked. Train rows come from its 'train' split (else
     its first split); eval rows from its 'test' split if it has one. Without one, `train_test_split` holds out a
     seeded HELD_OUT share of the training split: the same rows on every call, so no eval row is trained on,
     whatever --train-size and --eval-size."""
@@ -717,13 +703,12 @@ def load_rows(dataset: str, split: str, n: int, task: str):
         raise SystemExit(f"could not load --dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0]}")
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
-    columns, reference = REAL_SCHEMA[task]
     name = "train" if "train" in ds else next(iter(ds))
-    missing = columns - set(ds[name].column_names)
+    missing = schema.columns - set(ds[name].column_names)
     if missing:
         raise SystemExit(
-            f"--dataset '{dataset}' lacks columns {sorted(missing)}; this task needs {', '.join(sorted(columns))} "
-            f"(the {reference} schema): rename them with datasets' rename_column"
+            f"--dataset '{dataset}' lacks columns {sorted(missing)}; this task needs {', '.join(sorted(schema.columns))} "
+            f"(the {schema.reference} schema): rename them with datasets' rename_column"
         )
     if split == "eval" and "test" in ds:  # not train_test_split: a dataset's own test split is the one results cite
         name = "test"
@@ -732,49 +717,141 @@ def load_rows(dataset: str, split: str, n: int, task: str):
         rows = rows.train_test_split(test_size=HELD_OUT, seed=0)["test" if split == "eval" else "train"]
     rows = rows.select(range(min(n, len(rows))))
     # a bad answer found now stops the run before training, instead of crashing the reward at the first eval
-    checked = ["bbox"] if task == "grounding" else ["answer"]
-    for row in rows.select_columns([*checked, ROW]):  # no images decoded
-        problem = answer_problem(task, row)
+    for row in rows.select_columns([schema.truth, ROW]):  # no images decoded
+        problem = schema.problem(row[schema.truth])
         if problem:
             where = f"--dataset '{dataset}' split '{name}' row {row[ROW]}"
             raise SystemExit(f"{where}: {problem}; fix or drop the row (datasets' filter)")
     return rows
 
 
-def answer_problem(task: str, row) -> str | None:
-    """What is wrong with a real row's ground truth for the task's reward, or None."""
-    if task == "grounding":
-        box = row["bbox"]
-        numbers = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-        if not (numbers and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
-            return f"bbox {box!r} is not 4 finite numbers [x, y, w, h] (COCO) with w > 0 and h > 0"
-        return None
-    answer = str(row["answer"]).strip()  # as problem_example stores it
-    if task == "counting" and not re.fullmatch(r"[0-9]+", answer):
-        return f"answer '{answer}' is not a whole number like '3'"
-    if task == "math":
-        from math_verify import parse  # imported here: it loads sympy, only math needs it
+def count_problem(answer) -> str | None:
+    answer = str(answer).strip()  # as problem_example stores it
+    return None if re.fullmatch(r"[0-9]+", answer) else f"answer '{answer}' is not a whole number like '3'"
 
-        # parse gives [expression, text], or only [text] (compared character by character) when it cannot parse it
-        if all(isinstance(p, str) for p in parse(f"${answer}$")):
-            return f"answer '{answer}' is not a number or LaTeX math-verify can parse, like '12' or '3\\sqrt{{2}}'"
+
+def math_problem(answer) -> str | None:
+    from math_verify import parse  # imported here: it loads sympy, only math needs it
+
+    answer = str(answer).strip()
+    # parse gives [expression, text], or only [text] (compared character by character) when it cannot parse it
+    if all(isinstance(p, str) for p in parse(f"${answer}$")):
+        return f"answer '{answer}' is not a number or LaTeX math-verify can parse, like '12' or '3\\sqrt{{2}}'"
     return None
 
 
-def problem_example(row, task: str) -> Example:
-    """A row of the images/problem/answer schema (CLEVR-Count, Geometry3K)."""
+def coco_box_problem(box) -> str | None:
+    numbers = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+    if not (numbers and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
+        return f"bbox {box!r} is not 4 finite numbers [x, y, w, h] (COCO) with w > 0 and h > 0"
+    return None
+
+
+def problem_example(row, answer_format: str, marker: str) -> Example:
+    """A row of the images/problem/answer schema (CLEVR-Count, Geometry3K); a question that does not ask for `marker`
+    (its answer's format) gets `answer_format` after it."""
     images = row["images"] if isinstance(row["images"], list) else [row["images"]]
     question = row["problem"].replace("<image>", "").strip()
-    answer_format = ANSWER_FORMAT if task == "counting" else BOXED_FORMAT
-    if ("<answer>" if task == "counting" else "\\boxed") not in question:
+    if marker not in question:
         question = f"{question} {answer_format}"
     return Example(images[0].convert("RGB"), question, str(row["answer"]).strip())
 
 
-def refcoco_example(row, task: str = "grounding") -> Example:
+def refcoco_example(row) -> Example:
     """A row of the lmms-lab/RefCOCO schema: the first referring expression; bbox is COCO [x, y, w, h]."""
     expressions = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
     x, y, w, h = row["bbox"]
     image = row["image"].convert("RGB")
     answer = json.dumps({"box": [x, y, x + w, y + h], "image_size": list(image.size)})
     return Example(image, f"{GROUNDING_QUESTION.format(expressions[0].strip())} {BOX_FORMAT}", answer)
+
+
+CLEVR_COUNT = Schema(frozenset({"images", "problem", "answer"}), "BUAADreamer/clevr_count_70k", "answer", count_problem,
+                     functools.partial(problem_example, answer_format=ANSWER_FORMAT, marker="<answer>"))  # fmt: skip
+GEOMETRY3K = Schema(frozenset({"images", "problem", "answer"}), "hiyouga/geometry3k", "answer", math_problem,
+                    functools.partial(problem_example, answer_format=BOXED_FORMAT, marker="\\boxed"))  # fmt: skip
+REFCOCO = Schema(frozenset({"image", "answer", "bbox"}), "lmms-lab/RefCOCO", "bbox", coco_box_problem, refcoco_example)
+
+
+# ---------------------------------------------------------------------------------------------- the tasks
+@dataclass(frozen=True)
+class Task:
+    """Everything about one task; adding a task is adding one record to TASKS below (and its tests)."""
+
+    name: str  # what --task says
+    examples: Callable | None  # (split, n, image_size) -> list[Example]: the offline synthetic twin; None: none (MAT)
+    reward: Callable  # (completion, answer, format_reward=0.0) -> float in [0, 1]; one reading boxes takes box_frame=
+    max_new_tokens: int  # default --max-new-tokens: enough for the twin's answer (an agentic task's: per turn)
+    total_steps: int  # default --total-steps of the group-sampling scripts (GRPO, RLOO, OPO, GSPO, DAPO)
+    ppo_total_steps: int  # default --total-steps of algos/ppo_vlm.py (~3/8 of total_steps: a PPO step costs ~3)
+    success: float = 1.0  # the reward from which an answer counts as right (<prefix>/accuracy)
+    metric: str | None = None  # "iou" / "f1": the mean reward is logged too, as <prefix>/<metric>
+    tools: dict | None = None  # agentic tasks: the tools an episode may call, by name (common/agent.py); None: 1 turn
+    load_real: Callable | None = None  # (split, n, dataset) -> list[Example]: --dataset's rows; None: the twin only
+    dataset_hint: str = ""  # without a twin: how to get the real data, said when --dataset is missing
+    # the embedded tiny model (common/tiny_vlm.py); None: it has none for this task (pass --model)
+    warm_start: dict | None = None  # its supervised warm start: max_steps, batch_size, lr, target_accuracy
+    tokenizer_text: Callable | None = None  # () -> list[str]: the prompts and answers its tokenizer is trained on
+    ideal_response: Callable | None = None  # (example, box_frame) -> str: the shortest response earning 1 (imitated)
+    ideal_turns: Callable | None = None  # (example) -> list[str]: an agentic task's shortest rewarded episode, turn by turn
+
+    def reward_fn(self, box_frame=norm1000_frame):
+        """The reward as (completion, answer, format_reward=0.0) -> float; a reward that reads boxes (grounding's)
+        reads them in `box_frame`, the model family's (common/vlm.py's box_frame)."""
+        if "box_frame" in inspect.signature(self.reward).parameters:
+            return functools.partial(self.reward, box_frame=box_frame)
+        return self.reward
+
+    def summarize(self, rewards: list[float], prefix: str) -> dict:
+        """<prefix>/accuracy, the share of rewards at or above `success`; and <prefix>/<metric>, the mean reward."""
+        out = {f"{prefix}/accuracy": sum(r >= self.success for r in rewards) / max(len(rewards), 1)}
+        if self.metric:
+            out[f"{prefix}/{self.metric}"] = sum(rewards) / max(len(rewards), 1)
+        return out
+
+
+# Budgets: the twins' total_steps take the tiny model ~10 min on 2 cores; MAT's (a GPU's) are a first guess, unmeasured.
+# PPO's: counting's measured (docs/ppo_vlm.md), the others scaled like it, untuned.
+MAT_HINT = "download MAT and pass --dataset DIR (docs/tasks.md#real-agentic-data-mat)"
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in [
+        Task("counting", lambda split, n, image_size: counting_examples(split, n, SceneSpec(image_size=image_size)),
+             counting_reward, max_new_tokens=8, total_steps=400, ppo_total_steps=150, load_real=CLEVR_COUNT.load,
+             warm_start=dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35), tokenizer_text=counting_text,
+             ideal_response=answer_response),
+        Task("math", math_examples, math_reward, max_new_tokens=8, total_steps=450, ppo_total_steps=170,
+             load_real=GEOMETRY3K.load, warm_start=dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
+             tokenizer_text=math_text, ideal_response=boxed_response),
+        Task("grounding", grounding_examples, grounding_reward, max_new_tokens=24, total_steps=250, ppo_total_steps=95,
+             success=0.5, metric="iou", load_real=REFCOCO.load,
+             warm_start=dict(max_steps=600, batch_size=32, lr=1e-3, target_accuracy=0.30), tokenizer_text=grounding_text,
+             ideal_response=box_response),
+        Task("zoom", zoom_examples, counting_reward, max_new_tokens=10, total_steps=300, ppo_total_steps=110,
+             tools={"zoom": zoom_tool}, warm_start=dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.25),
+             tokenizer_text=zoom_text, ideal_response=answer_response, ideal_turns=zoom_turns),
+        # MAT's turns hold a thought and a tool call: 512 tokens each
+        Task("mat-search", None, f1_reward, max_new_tokens=512, total_steps=200, ppo_total_steps=75, metric="f1",
+             tools={"search": search_tool}, load_real=functools.partial(load_mat, "mat-search"), dataset_hint=MAT_HINT),
+        Task("mat-coding", None, f1_reward, max_new_tokens=512, total_steps=400, ppo_total_steps=150, metric="f1",
+             tools={"python": python_tool}, load_real=functools.partial(load_mat, "mat-coding"), dataset_hint=MAT_HINT),
+    ]
+}  # fmt: skip
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise SystemExit(f"unknown task '{name}'; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def load_task(task: str, split: str, n: int, dataset: str | None = None, image_size: int = 64):
+    """n examples of a task's split: its synthetic twin, or `dataset` (a hub id or a local path) through its loader."""
+    record = get_task(task)
+    if dataset is not None:
+        if record.load_real is None:
+            raise SystemExit(f"--task {task} reads no --dataset: it has only its synthetic twin")
+        return record.load_real(split, n, dataset)
+    if record.examples is None:
+        raise SystemExit(f"--task {task} has no offline twin: {record.dataset_hint}")
+    return record.examples(split, n, image_size)

@@ -26,11 +26,10 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from common import dist, tasks
-from common.agent import add_tool_turn, call_tool, episode_batch, parse_tool_call, start_episodes
+from common.agent import add_tool_turn, call_tool, episode_batch, greedy_rewards, parse_tool_call, start_episodes
 from common.vlm import (
     Qwen2VLImageOnlyProcessor,
     build_prompts,
-    greedy_rewards,
     load_vlm,
     response_logprobs,
     response_mask,
@@ -65,27 +64,21 @@ TINY = dict(  # the architecture; changing anything here changes the cache key
                 temporal_patch_size=2),
     image_size=64, vocab_size=512, seed=0,
 )  # fmt: skip
-WARM_START = {  # per task: supervised steps until accuracy on the warm-start validation set reaches the target
-    "counting": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
-    "math": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
-    "grounding": dict(max_steps=600, batch_size=32, lr=1e-3, target_accuracy=0.30),
-    "zoom": dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.25),
-}
+
+
+def task_with_tiny_model(task: str) -> tasks.Task:
+    """The task's record (common/tasks.py), which says how the tiny model is built for it: its warm start and the text
+    its tokenizer learns."""
+    record = tasks.get_task(task)
+    if record.warm_start is None or record.tokenizer_text is None:
+        raise SystemExit(f"the embedded tiny model has no warm start for --task {task}: pass --model (a hub id or a checkpoint dir)")
+    return record
 
 
 def tokenizer_corpus(task: str = "counting"):
     """Text the tiny tokenizer is trained on: the chat frame, the task's prompts and answers, digits."""
     lines = ["You are a helpful assistant.", "system", "user", "assistant"]
-    if task == "counting":
-        lines += [tasks.ANSWER_FORMAT, tasks.COUNTING_QUESTION] + [f"<answer>{n}</answer>" for n in range(100)]
-    elif task == "math":
-        lines += [tasks.BOXED_FORMAT, tasks.MATH_QUESTION] + [f"\\boxed{{{n}}}" for n in range(100)]
-    elif task == "zoom":
-        lines += [tasks.ZOOM_QUESTION, tasks.ZOOM_FORMAT] + [f"<tool>zoom({k})</tool>" for k in range(1, 5)] * 25
-        lines += [f"<answer>{n}</answer>" for n in range(100)]
-    else:
-        examples = tasks.load_task(task, "warmstart", 100)
-        lines += [tasks.BOX_FORMAT] + [e.question for e in examples] + [tasks.ideal_response(task, e) for e in examples]
+    lines += task_with_tiny_model(task).tokenizer_text()
     lines += [" ".join(map(str, range(n, n + 10))) for n in range(0, 1000, 7)]
     words = "the a an of in on is are how many what which where shape shapes object objects image picture colour color"
     words += " red blue green yellow circle square triangle small large left right top bottom answer number count"
@@ -170,7 +163,8 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
     tok = processor.tokenizer
     eos = tok.eos_token_id  # the stop token, as common.vlm.stop_token_id
     suppressed = suppressed_token_ids(processor)
-    tools = tasks.tools(task)
+    record = tasks.get_task(task)
+    tools = record.tools
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for step in range(1, max_steps + 1):
         batch = train[(step - 1) * batch_size : step * batch_size]
@@ -187,8 +181,8 @@ def warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: f
         loss.backward()
         optimizer.step()
         if step % 10 == 0:
-            rewards = greedy_rewards(model, processor, validation, tasks.reward_fn(task), tasks.MAX_NEW_TOKENS[task], 4096, tools=tools, max_turns=3)
-            metrics = tasks.summarize(task, rewards, "warmstart-validation")
+            rewards = greedy_rewards(model, processor, validation, record.reward_fn(), record.max_new_tokens, 4096, tools=tools, max_turns=3)
+            metrics = record.summarize(rewards, "warmstart-validation")
             log(f"warm start step {step}: loss {loss.item():.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             accuracy = metrics["warmstart-validation/accuracy"]
             if accuracy >= target_accuracy:
@@ -217,11 +211,10 @@ def tiny_model_dir(task: str) -> str:
 
 
 def cached_tiny_model_dir(task: str) -> str:
-    if task not in WARM_START:
-        raise SystemExit(f"the embedded tiny model has no warm start for --task {task}: pass --model (a hub id or a checkpoint dir)")
+    record = task_with_tiny_model(task)
     # the warm start's first images stand for how the task draws its data: a change there rebuilds the model
     images = hashlib.sha256(b"".join(e.image.tobytes() for e in tasks.load_task(task, "warmstart", 16))).hexdigest()
-    recipe = [TINY, WARM_START[task], task, CHAT_TEMPLATE, tokenizer_corpus(task), images]
+    recipe = [TINY, record.warm_start, task, CHAT_TEMPLATE, tokenizer_corpus(task), images]
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     cache = os.environ.get("VLRL_CACHE", os.path.expanduser("~/.cache/vlrl"))
     path = os.path.join(cache, f"tiny-qwen2-vl-{task}-{key}")
@@ -236,7 +229,7 @@ def cached_tiny_model_dir(task: str) -> str:
         # the model samples exactly what the same run with the model already cached does
         with torch.random.fork_rng():
             build_random_tiny_vlm(tmp, task)
-            warm_start(tmp, task, **WARM_START[task])
+            warm_start(tmp, task, **record.warm_start)
         open(os.path.join(tmp, "DONE"), "w").write(f"built in {time.time() - t0:.1f}s\n")
     except BaseException:  # Ctrl-C (KeyboardInterrupt) included: nothing would ever remove the folder
         shutil.rmtree(tmp, ignore_errors=True)

@@ -314,31 +314,6 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     return (logprobs, captured[0][:, :-1]) if hidden_states else logprobs
 
 
-@torch.no_grad()
-def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, max_prompt_tokens: int, batch_size=100,
-                   tools: dict | None = None, max_turns: int = 1):  # fmt: skip
-    """The reward of each example's greedy response (evaluation: no sampling noise, no format bonus); with tools, of
-    its greedy episode's last turn (common/agent.py)."""
-    from common.agent import run_episodes  # imported here: common.agent imports this module
-
-    was_training = model.training
-    model.eval()
-    rewards = []
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i : i + batch_size]
-        images = [e.image for e in batch]
-        prompts = build_prompts(processor, images, [e.question for e in batch], max_prompt_tokens).to(model.device)
-        if tools:
-            episodes = run_episodes(model, None, processor, prompts, batch, 1, max_new_tokens, 1.0, True, tools, max_turns)
-            texts = [e.answer for e in episodes]
-        else:
-            response_ids = generate(model, processor, prompts, 1, max_new_tokens, 1.0, greedy=True)
-            texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        rewards += [reward_fn(t, e.answer) for t, e in zip(texts, batch)]
-    model.train(was_training)
-    return rewards
-
-
 # Where each family keeps its vision encoder (transformers attribute names): Qwen2-VL, Qwen2.5-VL, Qwen3-VL
 # `model.model.visual` (its patch merger, the projector, lives inside it); Gemma 3, LLaVA, LLaVA-OneVision
 # `model.model.vision_tower`; Idefics3, SmolVLM `model.model.vision_model` (their projectors, Gemma 3's

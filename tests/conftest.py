@@ -37,20 +37,29 @@ SCRIPTS = sorted((REPO_ROOT / "algos").glob("*_vlm.py"))
 TEMPLATE = REPO_ROOT / "algos" / "grpo_vlm.py"
 
 
-def shared_blocks(path: Path) -> list[str]:
-    """The script's `# TRY NOT TO MODIFY` blocks (CleanRL's marker: what a new algorithm leaves as the template has
-    it), each as its text: the marker line and every line after it up to the next marker (`# TRY NOT TO MODIFY` or
-    `# ALGO LOGIC`) or the first line indented less than the marker (the end of the enclosing code block)."""
+SHARED, ALGO = "# TRY NOT TO MODIFY", "# ALGO LOGIC"  # CleanRL's markers: what a new algorithm keeps, what it changes
+
+
+def marked_blocks(path: Path, marker: str) -> list[list[tuple[int, str]]]:
+    """The script's blocks that start with `marker` (SHARED or ALGO), each as its (line number, line) pairs: the marker
+    line and every line after it up to the next marker (either one) or the first line indented less than the marker
+    (the end of the enclosing code block)."""
     blocks, current, indent = [], None, 0
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         stripped, depth = line.lstrip(), len(line) - len(line.lstrip())
-        if stripped.startswith(("# TRY NOT TO MODIFY", "# ALGO LOGIC")) or (current is not None and stripped and depth < indent):
+        if stripped.startswith((SHARED, ALGO)) or (current is not None and stripped and depth < indent):
             if current is not None:
-                blocks.append("\n".join(current).rstrip())
-            current, indent = ([line], depth) if stripped.startswith("# TRY NOT TO MODIFY") else (None, 0)
+                blocks.append(current)
+            current, indent = ([(number, line)], depth) if stripped.startswith(marker) else (None, 0)
         elif current is not None:
-            current.append(line)
-    return blocks + (["\n".join(current).rstrip()] if current is not None else [])
+            current.append((number, line))
+    return blocks + ([current] if current is not None else [])
+
+
+def shared_blocks(path: Path) -> list[str]:
+    """The script's `# TRY NOT TO MODIFY` blocks (what a new algorithm leaves as the template has it), each as its
+    text (marked_blocks)."""
+    return ["\n".join(line for _, line in block).rstrip() for block in marked_blocks(path, SHARED)]
 
 
 # GRPO's slow end-to-end tests (every model family through vLLM, signals, SIGKILL and resume, hub ids, the other

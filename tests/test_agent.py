@@ -9,11 +9,11 @@ import torch
 
 from common import tasks
 from common.agent import MAX_TOOL_TEXT, add_tool_turn, call_tool, episode_batch, parse_tool_call, run_episodes, start_episodes, tool_turn_text
-from common.policy import micro_batch_logprobs
+from common.policy import Rollouts, batch_logprobs
 from common.vlm import build_prompts, response_logprobs, suppressed_token_ids
 from conftest import TOOL_CALL
 
-TOOLS = tasks.tools("zoom")
+TOOLS = tasks.get_task("zoom").tools
 
 
 def zoom_episodes(model, processor, n=3, max_turns=3, greedy=False):
@@ -98,12 +98,12 @@ def test_tool_tokens_get_no_gradient_and_do_not_enter_the_kl(tiny_vlm, force_too
     logprobs = logprobs.detach().requires_grad_(True)
     ref = logprobs.detach() - 0.1 * mask  # a reference 0.1 nats below on the model's tokens
     advantages = torch.tensor([1.0, -1.0, 0.5])
-    loss, kl, _ = grpo.grpo_loss(logprobs, logprobs.detach(), ref, advantages, mask, 0.2, 0.5)
+    loss, logs = grpo.grpo_loss(logprobs, logprobs.detach(), ref, advantages, mask, 0.2, 0.5)
     loss.backward()
     assert logprobs.grad[tool].eq(0).all() and logprobs.grad[mask.bool()].ne(0).all()
     far_ref = torch.where(tool, ref + 50.0, ref)  # a reference wildly off on the tool's tokens only
-    loss_far, kl_far, _ = grpo.grpo_loss(logprobs, logprobs.detach(), far_ref, advantages, mask, 0.2, 0.5)
-    assert kl_far.item() == kl.item() > 0 and loss_far.item() == loss.item()
+    loss_far, logs_far = grpo.grpo_loss(logprobs, logprobs.detach(), far_ref, advantages, mask, 0.2, 0.5)
+    assert logs_far["losses/kl"].item() == logs["losses/kl"].item() > 0 and loss_far.item() == loss.item()
 
 
 def test_two_images_in_one_episode_each_get_their_image_features(tiny_vlm, force_tool_call):
@@ -139,11 +139,13 @@ def test_batched_episode_logprobs_equal_each_episode_scored_alone(tiny_vlm, forc
     episodes[1].add(processor.tokenizer("<answer>3</answer>" + processor.tokenizer.eos_token, add_special_tokens=False)["input_ids"], True)
     inputs, response_ids, mask = episode_batch(prompts, episodes, processor.tokenizer.eos_token_id)
     assert inputs["images_per_row"].tolist()[1] == 1 and max(inputs["images_per_row"].tolist()) == 2
-    scoring = (inputs, response_ids, mask, suppressed_token_ids(processor), 1.0)
-    batched = micro_batch_logprobs(model, slice(0, 4), *scoring)
-    for row in range(4):
-        alone = micro_batch_logprobs(model, slice(row, row + 1), *scoring)
+    completions, tool_calls = [e.answer for e in episodes], torch.tensor([float(e.tool_calls) for e in episodes])
+    batch = Rollouts(inputs, response_ids, mask, completions, examples, tool_calls, 1, suppressed_token_ids(processor), 1.0)
+    batched = batch_logprobs(model, batch)
+    for row in range(4):  # batch[rows]: each row's prompt with its own images, the tool's included
+        alone = batch_logprobs(model, batch[row : row + 1])
         torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch_logprobs(model, batch[[3, 1]]), batched[[3, 1]], atol=1e-5, rtol=0)
 
 
 def test_a_tool_error_is_a_turn_the_model_reads_and_a_flood_is_cut(tiny_vlm):
@@ -160,15 +162,18 @@ def test_a_tool_error_is_a_turn_the_model_reads_and_a_flood_is_cut(tiny_vlm):
 
 def test_every_script_runs_one_agentic_step_that_trains_on_its_episodes(script, tiny_model_dir, tmp_path, one_thread, force_tool_call):
     """One zoom step in-process, first turns forced to a tool call, rewards alternating 0, 1 (every group varies):
-    each episode calls the tool once, its tool turn comes back in the log's length, and the update is finite."""
+    each episode calls the tool once, its tool turn comes back in the log's length, and the update is finite. (DAPO's
+    dynamic sampling refills one-turn groups only: it runs with --max-resample-rounds 0.)"""
     from test_scripts import LOSSES, run_in_process
 
     from common.vlm import load_processor
 
     force_tool_call(load_processor(tiny_model_dir))
-    records, _ = run_in_process(script, tiny_model_dir, tmp_path, "--task", "zoom", "--total-steps", "1", "--max-turns", "2")
+    flags = ["--task", "zoom", "--total-steps", "1", "--max-turns", "2", *script.optional("--max-resample-rounds", "0")]
+    records, _ = run_in_process(script, tiny_model_dir, tmp_path, *flags)
     step = records[1]
     assert step["charts/tool_calls"] == 1.0, step
-    assert step["losses/loss"] is not None and all(step[key] is None or math.isfinite(step[key]) for key in LOSSES), step
+    logged = [key for key in LOSSES if key in step]  # losses/kl only where there is a KL term
+    assert step["losses/loss"] is not None and all(math.isfinite(step[key]) for key in logged), step
     args = json.loads(next(tmp_path.iterdir()).joinpath("args.json").read_text())
     assert args["task"] == "zoom" and args["max_turns"] == 2 and args["train_turns"] == "all"

@@ -98,12 +98,12 @@ def load_benchmark(repo_root, name, monkeypatch):
     return module
 
 
-COMPARED = ["algos/grpo_vlm.py", "algos/rloo_vlm.py"]
+COMPARED = ["algos/grpo_vlm.py", "algos/dapo_vlm.py"]
 
 
 @pytest.fixture(scope="module")
 def benchmark(repo_root, tiny_model_dir, tmp_path_factory):
-    """compare.py on GRPO and RLOO, seeds 1 and 2, tiny budget: (its --out, its flags, the finished result)."""
+    """compare.py on GRPO and DAPO, seeds 1 and 2, tiny budget: (its --out, its flags, the finished result)."""
     out = tmp_path_factory.mktemp("benchmark")
     flags = ["--out", str(out), "--seeds", "2", "--scripts", *COMPARED, "--", *TINY_BUDGET, "--model", tiny_model_dir]
     result = run(repo_root, out, "benchmarks/compare.py", *flags)

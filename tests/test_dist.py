@@ -22,6 +22,8 @@ FLAGS = ["--total-steps", "1", "--prompts-per-step", "4", "--group-size", "4", "
          "--eval-size", "3", "--save-every", "0", "--lr", "0.1"]  # fmt: skip
 RUNS = [
     *[(f"{algo}-uneven", f"algos/{algo}_vlm.py", [], [1]) for algo in ("grpo", "rloo", "opo", "gspo")],
+    # DAPO's token-level loss: its normaliser is the global step's tokens (no dynamic sampling: see TORCHRUN_ONLY)
+    ("dapo-uneven", "algos/dapo_vlm.py", ["--max-resample-rounds", "0"], [1]),
     # a rank that keeps none: GRPO's and GSPO's (minibatch) updates; RLOO's and OPO's weigh rows as GRPO's do
     *[(f"{algo}-none", f"algos/{algo}_vlm.py", [], [2, 3]) for algo in ("grpo", "gspo")],
     ("ppo", "algos/ppo_vlm.py", [], []),  # PPO keeps every sequence
@@ -30,7 +32,7 @@ RUNS = [
 ]
 # Under torchrun only (a single process resamples other prompts): DAPO's dynamic sampling, rank 1's groups all equal
 # and its resampled ones too (tests/torchrun_step.py keys the responses by place), rank 0 resampling in step with it.
-TORCHRUN_ONLY = [("grpo-dynamic", "algos/grpo_vlm.py", ["--dynamic-sampling", "--max-resample-rounds", "2"], [2, 3]),
+TORCHRUN_ONLY = [("dapo-dynamic", "algos/dapo_vlm.py", ["--max-resample-rounds", "2"], [2, 3]),
                  ("grpo-agentic", "algos/grpo_vlm.py", ["--task", "zoom", "--max-turns", "2"], [])]  # tests/torchrun_step.py
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
 IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
@@ -99,7 +101,7 @@ def test_torchrun_step_equals_single_process_step(steps, launch, name, tiny_mode
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.parametrize("name, zero_groups", [("grpo-uneven", 0.25), ("grpo-none", 0.5), ("gspo-none", 0.5)])
+@pytest.mark.parametrize("name, zero_groups", [("grpo-uneven", 0.25), ("dapo-uneven", 0.25), ("grpo-none", 0.5), ("gspo-none", 0.5)])
 def test_the_scenarios_happen(steps, name, zero_groups):
     """rank 0 keeps 1 group and rank 1 keeps 2 ("uneven"); rank 1 keeps none ("none"): the step still trains."""
     record = step_record(steps["fsdp"][name])
@@ -109,7 +111,7 @@ def test_the_scenarios_happen(steps, name, zero_groups):
 def test_dynamic_sampling_under_torchrun_keeps_the_ranks_in_step(steps):
     """Rank 1 needs 2 new groups per round, rank 0 none: both roll out 2 rounds of 2 prompts (FSDP's forwards are
     collectives), and rank 1's groups stay all-equal, so rank 0's two groups alone train."""
-    record = step_record(steps["fsdp"]["grpo-dynamic"])
+    record = step_record(steps["fsdp"]["dapo-dynamic"])
     assert record["charts/resampled_prompts"] == 4 and record["losses/loss"] is not None
 
 
@@ -139,7 +141,7 @@ def test_shard_and_split_map_without_torchrun():
     assert dist.even_rows([4, 5]) == ([4, 5], 0) and dist.all_sum(3) == 3
 
 
-def test_check_flags_refuses_what_cannot_split(script, monkeypatch):
+def test_check_args_refuses_what_cannot_split(script, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = script.module.Args(prompts_per_step=3, total_steps=1, max_new_tokens=8)
     with pytest.raises(SystemExit, match="does not split over 2 ranks"):

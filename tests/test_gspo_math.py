@@ -18,13 +18,20 @@ def gspo():
     return load_script(REPO_ROOT / "algos" / "gspo_vlm.py")
 
 
+def loss_and_clipfrac(gspo, *args):
+    """gspo_loss's loss and the clip fraction it logs (losses/clipfrac)."""
+    loss, logs = gspo.gspo_loss(*args)
+    assert logs["losses/loss"] is loss and "losses/kl" not in logs  # no KL term
+    return loss, logs["losses/clipfrac"]
+
+
 def test_the_sequence_ratio_is_the_geometric_mean_of_the_token_ratios_over_unmasked_tokens(gspo):
     # response 1: token ratios 2 and 8 (its third position is padding) -> s = (2 * 8)^(1/2) = 4, A = 1;
     # response 2: ratios 0.5, 0.5, 0.5 -> s = 0.5, A = -1. Unclipped: loss = -(4 * 1 + 0.5 * -1) / 2 = -1.75
     old = torch.tensor([[-1.0, -2.0, -3.0], [-0.3, -0.6, -0.9]])
     logprobs = old + torch.log(torch.tensor([[2.0, 8.0, 1e6], [0.5, 0.5, 0.5]]))
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    loss, clipfrac = gspo.gspo_loss(logprobs, old, torch.tensor([1.0, -1.0]), mask, *NO_CLIP)
+    loss, clipfrac = loss_and_clipfrac(gspo, logprobs, old, torch.tensor([1.0, -1.0]), mask, *NO_CLIP)
     assert loss.item() == pytest.approx(-1.75, rel=1e-6)
     assert clipfrac.item() == 0.0
 
@@ -39,7 +46,7 @@ def test_the_clip_holds_a_response_only_on_the_side_its_advantage_pushes_towards
     expected_terms = [1.3 * 2, 0.5 * 2, 0.8 * -1, 1.5 * -1, 1.1 * 3]
     old = torch.full((5, 1), -1.0)
     logprobs = (old + torch.log(s).unsqueeze(1)).requires_grad_(True)
-    loss, clipfrac = gspo.gspo_loss(logprobs, old, advantages, torch.ones(5, 1), 0.2, 0.3)
+    loss, clipfrac = loss_and_clipfrac(gspo, logprobs, old, advantages, torch.ones(5, 1), 0.2, 0.3)
     assert loss.item() == pytest.approx(-sum(expected_terms) / 5, rel=1e-6)
     assert clipfrac.item() == pytest.approx(2 / 5)  # the first and the third
     # the gradient is zero for a clipped response; otherwise d loss / d logp = -A s / N (one token)
@@ -56,7 +63,7 @@ def test_the_papers_clip_ranges_are_asymmetric(gspo):
     s = torch.tensor([1 + 3.5e-4, 1 - 3.5e-4, 1 + 4.5e-4, 1 - 2.5e-4], dtype=torch.float64)
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     logprobs = torch.log(s).unsqueeze(1).requires_grad_(True)
-    loss, clipfrac = gspo.gspo_loss(logprobs, torch.zeros(4, 1, dtype=torch.float64), advantages, torch.ones(4, 1), 3e-4, 4e-4)
+    loss, clipfrac = loss_and_clipfrac(gspo, logprobs, torch.zeros(4, 1, dtype=torch.float64), advantages, torch.ones(4, 1), 3e-4, 4e-4)
     assert clipfrac.item() == pytest.approx(2 / 4)  # the second (below 1 - 3e-4) and the third (above 1 + 4e-4)
     loss.backward()
     assert [g != 0 for g in logprobs.grad.squeeze(1).tolist()] == [True, False, False, True]
@@ -68,7 +75,7 @@ def test_at_the_sampling_policy_the_loss_is_minus_the_mean_advantage_and_the_gra
     logprobs = torch.tensor([[-1.0, -2.0, 99.0], [-0.5, -0.5, -0.5]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     advantages = torch.tensor([0.6, -0.2])
-    loss, clipfrac = gspo.gspo_loss(logprobs, logprobs.detach(), advantages, mask, 3e-4, 4e-4)
+    loss, clipfrac = loss_and_clipfrac(gspo, logprobs, logprobs.detach(), advantages, mask, 3e-4, 4e-4)
     assert loss.item() == pytest.approx(-(0.6 - 0.2) / 2)
     assert clipfrac.item() == 0.0
     loss.backward()
@@ -99,7 +106,7 @@ def test_random_inputs_against_the_objective_written_out(gspo):
         mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths], dtype=torch.float64)
         padded = [[v if t < n else 50.0 for t, v in enumerate(row)] for row, n in zip(new, lengths)]  # junk in padding
         as_tensor = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
-        loss, clipfrac = gspo.gspo_loss(as_tensor(padded), as_tensor(old), as_tensor(advantages), mask, eps_low, eps_high)
+        loss, clipfrac = loss_and_clipfrac(gspo, as_tensor(padded), as_tensor(old), as_tensor(advantages), mask, eps_low, eps_high)
         expected_loss, expected_clipped = paper_objective(new, old, advantages, lengths, eps_low, eps_high)
         assert loss.item() == pytest.approx(expected_loss, rel=1e-9, abs=1e-12)
         assert clipfrac.item() == pytest.approx(expected_clipped / N)
@@ -116,15 +123,15 @@ def test_padding_does_not_change_the_ratio_or_the_gradient(gspo):
     for junk in (0.0, 7.0):  # whatever the padding positions hold, in logprobs and old_logprobs
         lp = torch.where(mask.bool(), logprobs, torch.full_like(logprobs, junk)).requires_grad_(True)
         ol = torch.where(mask.bool(), old, torch.full_like(old, -junk))
-        loss, clipfrac = gspo.gspo_loss(lp, ol, advantages, mask, 0.02, 0.02)
+        loss, clipfrac = loss_and_clipfrac(gspo, lp, ol, advantages, mask, 0.02, 0.02)
         loss.backward()
         grads.append((loss.item(), clipfrac.item(), lp.grad))
     assert grads[0][:2] == pytest.approx(grads[1][:2])
     assert torch.allclose(grads[0][2], grads[1][2])
     assert (grads[0][2][mask == 0] == 0).all()
     # a response padded with extra columns scores as the unpadded one
-    short = gspo.gspo_loss(logprobs[1:2, :2], old[1:2, :2], advantages[1:2], mask[1:2, :2], 0.02, 0.02)
-    long = gspo.gspo_loss(logprobs[1:2], old[1:2], advantages[1:2], mask[1:2], 0.02, 0.02)
+    short = loss_and_clipfrac(gspo, logprobs[1:2, :2], old[1:2, :2], advantages[1:2], mask[1:2, :2], 0.02, 0.02)
+    long = loss_and_clipfrac(gspo, logprobs[1:2], old[1:2], advantages[1:2], mask[1:2], 0.02, 0.02)
     assert short[0].item() == pytest.approx(long[0].item()) and short[1].item() == long[1].item()
 
 
@@ -136,7 +143,7 @@ def test_groups_of_two_and_all_equal_rewards(gspo):
     assert torch.allclose(advantages, torch.tensor([a, -a, 0.0, 0.0, 0.0, 0.0]), atol=1e-6)
     # all-equal groups have A = 0: their responses add nothing to the loss or the gradient, whatever their ratio
     logprobs = torch.log(torch.tensor([[1.2], [0.9], [3.0], [0.1], [1.0], [2.0]])).requires_grad_(True)
-    loss, clipfrac = gspo.gspo_loss(logprobs, torch.zeros(6, 1), advantages, torch.ones(6, 1), 0.2, 0.2)
+    loss, clipfrac = loss_and_clipfrac(gspo, logprobs, torch.zeros(6, 1), advantages, torch.ones(6, 1), 0.2, 0.2)
     # s = 1.2 with A > 0 (clipped: 1.2 * a), s = 0.9 with A < 0 (inside: 0.9 * -a); mean over all 6 responses
     assert loss.item() == pytest.approx(-(1.2 * a - 0.9 * a) / 6, rel=1e-6)
     assert clipfrac.item() == pytest.approx(0.0)  # s = 1.2 is not past 1 + 0.2

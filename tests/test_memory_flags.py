@@ -16,6 +16,7 @@ import tyro
 from transformers import AutoModelForImageTextToText
 
 import common.policy
+import common.tasks
 from common.vlm import load_vlm, response_logprobs, vision_tower
 
 BUDGET = ["--total-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--train-size", "8"]
@@ -63,15 +64,16 @@ def run_script(grpo, model_dir, tmp_path, *flags) -> Run:
         run.optimizer_params = params
         original_optimizer_init(self, params, *args, **kwargs)
 
-    def alternating_reward_fn(task, box_frame=None):
-        calls = itertools.count()
-        return lambda completion, answer, format_reward=0.0: float(next(calls) % 2)
+    calls = itertools.count()
+
+    def alternating(completion, answer, format_reward=0.0):
+        return float(next(calls) % 2)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(common.policy, "load_vlm", recording_load_vlm)
         patch.setattr(common.policy, "response_logprobs", recording_response_logprobs)
         patch.setattr(torch.optim.Optimizer, "__init__", recording_optimizer_init)
-        patch.setattr(grpo.tasks, "reward_fn", alternating_reward_fn)
+        patch.setattr(common.tasks.Task, "reward_fn", lambda self, box_frame=None: alternating)  # get_task(...).reward_fn
         out = tmp_path / "runs"
         grpo.main(tyro.cli(grpo.Args, args=[*BUDGET, "--model", model_dir, "--output-dir", str(out), *flags]))
     (run.run_dir,) = out.iterdir()

@@ -77,11 +77,13 @@ def test_the_loss_at_the_sampling_policy_weights_every_token_alike_and_ignores_p
     logprobs = torch.tensor([[-1.0, -2.0, 99.0], [-0.5, -0.5, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     advantages = torch.tensor([0.6, -0.2])
-    loss = opo.opo_loss(logprobs, advantages, mask)
-    assert loss.item() == pytest.approx(-(2 * 0.6 + 3 * -0.2) / 5)
+    loss, logs = opo.opo_loss(logprobs, logprobs, advantages, mask)
+    assert loss.item() == pytest.approx(-(2 * 0.6 + 3 * -0.2) / 5) and logs["losses/loss"].item() == loss.item()
+    assert set(logs) == {"losses/loss", "losses/entropy"}  # no KL term, nothing clipped (the ratio is 1)
+    assert logs["losses/entropy"].item() == pytest.approx((1.0 + 2.0 + 3 * 0.5) / 5)  # a token mean, as the loss
     # its gradient is the paper's estimator over the batch's tokens: d loss / d logp_t = -A_i / sum_j |y_j|
     logprobs = logprobs.clone().requires_grad_(True)
-    opo.opo_loss(logprobs, advantages, mask).backward()
+    opo.opo_loss(logprobs, logprobs.detach(), advantages, mask)[0].backward()
     expected = torch.tensor([[-0.6 / 5, -0.6 / 5, 0.0], [0.2 / 5, 0.2 / 5, 0.2 / 5]])
     assert torch.allclose(logprobs.grad, expected, atol=1e-7)
 
@@ -93,7 +95,8 @@ def test_the_loss_over_whole_groups_is_zero_with_the_opo_baseline(opo):
     mask = torch.tensor([[1.0] * n + [0.0] * (7 - n) for n in lengths], dtype=torch.float64)
     rewards = torch.tensor([rng.random() for _ in range(8)], dtype=torch.float64)
     advantages = opo.opo_advantages(rewards, mask.sum(1), 4)
-    loss = opo.opo_loss(-torch.rand(8, 7, dtype=torch.float64), advantages, mask)
+    logprobs = -torch.rand(8, 7, dtype=torch.float64)
+    loss, _ = opo.opo_loss(logprobs, logprobs, advantages, mask)
     assert abs(loss.item()) < 1e-12
 
 
@@ -101,5 +104,5 @@ def test_strictly_on_policy_no_flag_adds_a_kl_a_clip_or_a_second_update(opo):
     # no beta: load_policy loads no reference model; no updates_per_step or clip_eps: one step per rollout, ratio 1
     fields = {field.name for field in opo.Args.__dataclass_fields__.values()}
     assert not fields & {"beta", "clip_eps", "updates_per_step"}
-    with pytest.raises(SystemExit, match="--group-size 1: OPO's baseline"):
+    with pytest.raises(SystemExit, match="--group-size 1: the baseline is the group's mean"):
         opo.check_args(opo.Args(group_size=1, total_steps=1, max_new_tokens=8))

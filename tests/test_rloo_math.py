@@ -47,9 +47,9 @@ def test_the_loss_at_the_sampling_policy_is_minus_the_mean_advantage_and_ignores
     logprobs = torch.tensor([[-1.0, -2.0, 99.0], [-0.5, -0.5, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     advantages = torch.tensor([0.6, -0.2])
-    loss, kl, clipfrac = rloo.rloo_loss(logprobs, logprobs, logprobs, advantages, mask, 0.2, 0.0)
-    assert loss.item() == pytest.approx(-(0.6 - 0.2) / 2)
-    assert kl.item() == 0.0 and clipfrac.item() == 0.0
+    loss, logs = rloo.rloo_loss(logprobs, logprobs, logprobs, advantages, mask, 0.2, 0.0)
+    assert loss.item() == pytest.approx(-(0.6 - 0.2) / 2) and logs["losses/loss"].item() == loss.item()
+    assert logs["losses/kl"].item() == 0.0 and logs["losses/clipfrac"].item() == 0.0
     # its gradient is REINFORCE's: d loss / d logp_t = -A_i / (|y_i| * N) on each unmasked token
     logprobs = logprobs.clone().requires_grad_(True)
     rloo.rloo_loss(logprobs, logprobs.detach(), logprobs.detach(), advantages, mask, 0.2, 0.0)[0].backward()

@@ -89,9 +89,9 @@ def test_greedy_agentic_episodes_match_hf_generate_with_a_tool_image(setup, forc
     examples = tasks.load_task("zoom", "train", 3)
     prompts = build_prompts(processor, [e.image for e in examples], [e.question for e in examples], 512)
     force_tool_call(processor)  # HF generate's turns
-    expected = run_episodes(model, None, processor, prompts, examples, 1, 8, 1.0, True, tasks.tools("zoom"), 2)
+    expected = run_episodes(model, None, processor, prompts, examples, 1, 8, 1.0, True, tasks.get_task("zoom").tools, 2)
     force_tool_call(processor, engine)  # the engine's turns
-    got = run_episodes(model, engine, processor, prompts, examples, 1, 8, 1.0, True, tasks.tools("zoom"), 2)
+    got = run_episodes(model, engine, processor, prompts, examples, 1, 8, 1.0, True, tasks.get_task("zoom").tools, 2)
     assert all(len(e.images) == 2 and e.tool_calls == 1 for e in got)
     assert [e.ids for e in got] == [e.ids for e in expected]
 

@@ -4,16 +4,20 @@ The resume tests run algos/grpo_vlm.py's `main` in-process on the random tiny mo
 0, 1, 0, 1, ... so that every step really updates the weights: a resumed run can only match the run that was not
 interrupted if the weights, the optimizer's moments, the LR schedule and every RNG state were restored. GRPO only
 (the `grpo` fixture): the runs use its --group-size, and what they pin is common/runs.py's, the same in every script.
+The tests at the end drive common.runs.Run directly, as a script's loop does: its log, extra_state and Ctrl-C paths.
 """
 
 import itertools
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import tyro
 from safetensors.torch import load_file
 
+import common.tasks
 from common import runs
 from common.vlm import load_vlm
 
@@ -44,7 +48,7 @@ def run_main(grpo, model_dir, out, *flags, kill_at_step=None, grad_norm=None):
         return json_line(record)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(grpo.tasks, "reward_fn", lambda task, box_frame=None: lambda c, a, f=0.0: float(next(rewards) % 2))
+        patch.setattr(common.tasks.Task, "reward_fn", lambda self, box_frame=None: lambda c, a, f=0.0: float(next(rewards) % 2))
         patch.setattr(runs, "json_line", dying_json_line)
         if grad_norm is not None:
             patch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(grad_norm))
@@ -165,3 +169,62 @@ def test_new_run_dirs_are_never_reused(tmp_path):
         "counting__grpo_vlm__1__1700000000-2",
         "counting__grpo_vlm__1__1700000000-3",
     ]
+
+
+# Run (common/runs.py) driven directly, as a script's loop drives it: no training, a stand-in rollout batch
+def stand_in_batch():
+    """What Run.log reads of a rollout batch (common.policy.Rollouts): 2 groups of 2."""
+    return SimpleNamespace(rewards=torch.tensor([0.0, 1.0, 0.5, 0.5]), mask=torch.ones(4, 3), tool_calls=torch.zeros(4), group_size=2)
+
+
+def drive(grpo, tiny_vlm, out, *flags, stop_at=None, before_loop=False, extra_state=dict):
+    """`with Run(args) as run:` over the script's Args with these flags; raises KeyboardInterrupt (a second Ctrl-C)
+    before the loop, or in step `stop_at` after its log. Returns the run."""
+    model, processor = tiny_vlm
+    args = tyro.cli(grpo.Args, args=["--output-dir", str(out), "--eval-every", "100", *flags])
+    with runs.Run(args) as run:
+        run.start(model, processor, torch.optim.AdamW(model.parameters()), lambda: {"eval/accuracy": 0.5}, None, extra_state)
+        if before_loop:
+            raise KeyboardInterrupt
+        for step in run.steps():
+            run.log({"losses/grad_norm": 1.0}, stand_in_batch(), rank_shares={"losses/loss": step / 10})
+            if step == stop_at:
+                raise KeyboardInterrupt
+        run.finish()
+    return run
+
+
+def test_run_logs_the_shared_charts_the_record_and_the_rank_shares(grpo, tiny_vlm, tmp_path):
+    run = drive(grpo, tiny_vlm, tmp_path, "--total-steps", "2", "--save-every", "0")
+    first, step1, step2 = strict_records(Path(run.dir))
+    assert first["step"] == 0 and first["eval/accuracy"] == 0.5
+    assert step1["losses/loss"] == 0.1 and step2["losses/loss"] == 0.2 and step1["losses/grad_norm"] == 1.0
+    assert step1["charts/reward_mean"] == 0.5 and step1["charts/accuracy"] == 0.25  # rewards 0, 1, 0.5, 0.5
+    assert step1["charts/zero_advantage_groups"] == 0.5 and step1["charts/response_length"] == 3.0
+    assert "eval/accuracy" not in step1 and step2["eval/accuracy"] == 0.5  # the last step is evaluated
+
+
+def test_extra_state_goes_into_the_checkpoint_and_comes_back_in_run_state_on_resume(grpo, tiny_vlm, tmp_path):
+    # what a script keeps beside the policy and optimizer (PPO's value head)
+    head = {"weight": torch.arange(6.0).view(2, 3)}
+    with pytest.raises(SystemExit, match="stopped during step 3"):
+        drive(grpo, tiny_vlm, tmp_path, "--total-steps", "4", "--save-every", "2", stop_at=3, extra_state=lambda: {"value_head": head})
+    (run_dir,) = tmp_path.iterdir()
+    resumed = runs.Run(tyro.cli(grpo.Args, args=["--resume", str(run_dir)]))
+    assert resumed.checkpoint.endswith("checkpoint-2") and resumed.state["step"] == 2
+    assert torch.equal(resumed.state["value_head"]["weight"], head["weight"])
+
+
+def test_a_second_ctrl_c_in_the_loop_stops_at_once_and_says_where_to_resume_from(grpo, tiny_vlm, tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        drive(grpo, tiny_vlm, tmp_path / "a", "--total-steps", "4", "--save-every", "2", stop_at=3)
+    (run_dir,) = (tmp_path / "a").iterdir()
+    assert str(exited.value) == f"stopped during step 3: continue from {run_dir}/checkpoint-2 with --resume {run_dir}"
+    assert not (run_dir / "model").exists()  # a half-finished step is never saved as the policy
+    with pytest.raises(SystemExit, match="^stopped during step 1: no checkpoint was saved$"):
+        drive(grpo, tiny_vlm, tmp_path / "b", "--total-steps", "4", "--save-every", "2", stop_at=1)
+
+
+def test_a_ctrl_c_before_the_first_step_says_nothing_was_trained(grpo, tiny_vlm, tmp_path):
+    with pytest.raises(SystemExit, match="^interrupted before the first step: nothing was trained$"):
+        drive(grpo, tiny_vlm, tmp_path, "--total-steps", "2", before_loop=True)

@@ -3,27 +3,35 @@ budget (CleanRL style), and, where a process adds nothing, its `main` in-process
 line does. A new script is run by these tests as soon as it exists; the slow ones (signals, resume, other tasks) run
 GRPO and each script that changes one of GRPO's TRY NOT TO MODIFY blocks (`end_to_end_script`, conftest.py). Flags
 that only GRPO-like scripts have go through `script.optional`: --group-size 2 keeps a run tiny where the script
-samples groups."""
+samples groups. Last, the template's diet (no fixtures, quick): its length, each copy's diff from it, and ALGO LOGIC
+blocks free of torchrun calls."""
 
 import ast
 import dataclasses
+import difflib
+import inspect
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import tokenize
+from pathlib import Path
 
 import pytest
 import torch
 import tyro
 from safetensors.torch import load_file
 
+import common.dist
+import common.tasks
 from common.vlm import load_vlm
-from conftest import TEMPLATE, shared_blocks
+from conftest import ALGO, REPO_ROOT, SCRIPTS, TEMPLATE, marked_blocks, shared_blocks
 
 TRAIN_KEYS = [
     "step",
@@ -35,7 +43,7 @@ TRAIN_KEYS = [
     "charts/step_time",
     "eval/accuracy",
 ]
-LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy", "losses/grad_norm"]  # null when a step trains on nothing
+LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy", "losses/grad_norm"]  # losses/kl: with a KL term
 
 
 def run_script(script, repo_root, tmp_path, *flags, **env):
@@ -65,21 +73,23 @@ def smoke(script, repo_root, tiny_model_dir, tmp_path_factory):
 
 
 def check_metrics(run_dir, steps, script):
-    """metrics.jsonl holds a step-0 eval record, then one record per step with every key, finite. The losses are
-    null instead only when every group was left out of the update (the random model's rewards are all 0, so its
-    groups' rewards are all equal): finite otherwise. losses/kl is null in a script without a KL term (no --beta)."""
+    """metrics.jsonl holds a step-0 eval record, then one record per step with every key, finite. A step that trains
+    on nothing (every group left out of the update: the random model's rewards are all 0, so its groups' rewards are
+    all equal) logs no losses/* but losses/grad_norm, null; any other step logs LOSSES, finite, and losses/kl only in
+    a script with a KL term (--beta). (A script's own losses/* may be null: PPO's explained variance of equal returns.)"""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(steps + 1))
     assert math.isfinite(records[0]["eval/accuracy"])
     for record in records[1:]:
         for key in TRAIN_KEYS:
             assert key in record and math.isfinite(record[key]), (key, record)
-        losses = {key: record[key] for key in LOSSES}
-        if not script.optional("--beta"):
-            assert losses.pop("losses/kl") is None, record
-        if record["charts/zero_advantage_groups"] == 1 and set(losses.values()) == {None}:
-            continue  # every group skipped: nothing was trained on
-        assert all(value is not None and math.isfinite(value) for value in losses.values()), record
+        losses = {key: value for key, value in record.items() if key.startswith("losses/")}
+        if losses == {"losses/grad_norm": None}:
+            assert record["charts/zero_advantage_groups"] == 1, record  # every group skipped: nothing was trained on
+            continue
+        expected = [key for key in LOSSES if key != "losses/kl" or script.optional("--beta")]
+        assert set(expected) <= set(losses) and ("losses/kl" in losses) == bool(script.optional("--beta")), record
+        assert all(losses[key] is not None and math.isfinite(losses[key]) for key in expected), losses
 
 
 def test_smoke_run_logs_every_metric_for_every_step(smoke, script):
@@ -135,19 +145,22 @@ def test_smoke_run_ends_with_the_accuracy_summary_and_an_offline_wandb_run(smoke
 
 
 # The command line: --help, and bad flags refused before anything loads
-def field_docstrings(path) -> dict[str, str]:
-    """{field: docstring} of the script's Args, read from its source (the string under each field)."""
-    tree = ast.parse(path.read_text())
-    (args,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
+def field_docstrings(cls) -> dict[str, str]:
+    """{field: docstring} of a dataclass's fields, read from the source of the class and of each dataclass it derives
+    from (a script's Args: its own block, and SharedArgs' in common/args.py), the string under each field; a field a
+    subclass defines again has the subclass's."""
     docstrings = {}
-    for field, below in zip(args.body, args.body[1:]):
-        if isinstance(field, ast.AnnAssign) and isinstance(below, ast.Expr) and isinstance(below.value, ast.Constant):
-            docstrings[field.target.id] = below.value.value
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        tree = ast.parse(Path(inspect.getsourcefile(klass)).read_text())
+        (node,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == klass.__name__]
+        for field, below in zip(node.body, node.body[1:]):
+            if isinstance(field, ast.AnnAssign) and isinstance(below, ast.Expr) and isinstance(below.value, ast.Constant):
+                docstrings[field.target.id] = below.value.value
     return docstrings
 
 
-def test_help_shows_every_flag_with_its_docstring(script, repo_root, capsys):
-    docstrings = field_docstrings(repo_root / script.path)
+def test_help_shows_every_flag_with_its_docstring(script, capsys):
+    docstrings = field_docstrings(script.module.Args)  # SharedArgs' (common/args.py) and the script's own
     assert set(docstrings) == {f.name for f in dataclasses.fields(script.module.Args)}, "a field without a docstring"
     with pytest.raises(SystemExit) as exited:
         tyro.cli(script.module.Args, args=["--help"])
@@ -158,7 +171,7 @@ def test_help_shows_every_flag_with_its_docstring(script, repo_root, capsys):
         assert " ".join(docstring.split()) in text, field
 
 
-SHARED_BAD_FLAGS = [  # flags every script has (common/runs.py: check_flags); GRPO's own: tests/test_grpo_step.py
+SHARED_BAD_FLAGS = [  # flags every script has (common/args.py: SharedArgs.check); GRPO's own: tests/test_grpo_step.py
     (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
     (["--eval-every", "0"], "--eval-every"),
     (["--micro-batch-size", "0"], "--micro-batch-size"),
@@ -188,6 +201,7 @@ def test_bad_flag_ends_the_run_with_one_line_before_anything_loads(script, tmp_p
     (tmp_path / "cache").write_text("")
     monkeypatch.setenv("VLRL_CACHE", str(tmp_path / "cache"))
     base = ["--train-size", "8", "--eval-size", "4", "--prompts-per-step", "2", "--output-dir", str(tmp_path / "runs")]
+    base += script.optional("--max-resample-rounds", "0")  # DAPO: its dynamic sampling refuses an agentic task first
     with pytest.raises(SystemExit, match=re.escape(message)) as exited:
         script.module.main(tyro.cli(script.module.Args, args=[*base, *flags]))
     assert "\n" not in str(exited.value)
@@ -303,8 +317,8 @@ def run_in_process(script, model_dir, out, *flags):
         step_lrs.append(optimizer.param_groups[0]["lr"])
         return adamw_step(optimizer, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(script.module.tasks, "reward_fn", lambda task, box_frame=None: lambda c, a, f=0.0: float(next(rewards) % 2))
+    with pytest.MonkeyPatch.context() as patch:  # every task's reward: scripts call get_task(...).reward_fn(box_frame)
+        patch.setattr(common.tasks.Task, "reward_fn", lambda task, box_frame=None: lambda c, a, f=0.0: float(next(rewards) % 2))
         patch.setattr(torch.optim.AdamW, "step", recording_step)
         flags = tiny(script, "--train-size", "8", "--eval-size", "4", "--model", model_dir, "--output-dir", str(out), *flags)
         script.module.main(tyro.cli(script.module.Args, args=flags))
@@ -327,8 +341,8 @@ def test_the_shared_blocks_are_found_and_a_changed_line_in_one_is_seen(tmp_path)
     the template, whole, and a one-line change in one of them, but not a change in an ALGO LOGIC block."""
     blocks, source = shared_blocks(TEMPLATE), TEMPLATE.read_text()
     assert len(blocks) == source.count("# TRY NOT TO MODIFY") and all("# TRY NOT TO MODIFY" in b.splitlines()[0] for b in blocks)
-    assert any("def rollout(batch)" in b and "checkpoint_now" in b for b in blocks)  # a block runs to the next marker
-    assert any("checkpoint_now(step)" in b and "break" in b for b in blocks)  # ... or to the end of its code block
+    assert any("def rollout(examples)" in b and "run.start(" in b for b in blocks)  # a block runs to the next marker
+    assert any("run.log(" in b and "run.finish()" not in b for b in blocks)  # ... or to the end of its code block
     copy = tmp_path / "copy_vlm.py"
     copy.write_text(source.replace("torch.manual_seed(args.seed)", "torch.manual_seed(0)"))
     assert shared_blocks(copy) != blocks
@@ -336,3 +350,73 @@ def test_the_shared_blocks_are_found_and_a_changed_line_in_one_is_seen(tmp_path)
     assert advantage_line in source
     copy.write_text(source.replace(advantage_line, "advantages = 2 * group_advantages("))
     assert shared_blocks(copy) == blocks
+
+
+# The template diet (issue 21): GRPO's script is short enough to read once, and a copy of it differs in its heart only
+DIFF_LINES = {"ppo_vlm": 220}  # `diff algos/grpo_vlm.py algos/<x>.py | grep -c '^[<>]'` at most; any other script: 80
+TORCHRUN_HELPERS = {"all_sum", "all_mean", "all_max", "gather", "gather_objects", "shard", "even_rows", "split_map",
+                    "world_size", "rank", "accumulate", "broadcast", "barrier", "rank0_first"}  # common/dist.py's  # fmt: skip
+
+
+def test_the_template_is_at_most_300_lines():
+    assert len(TEMPLATE.read_text().splitlines()) <= 300
+
+
+ALGOS_FILES = sorted((REPO_ROOT / "algos").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", ALGOS_FILES, ids=[path.stem for path in ALGOS_FILES])
+def test_no_line_is_over_120_characters(path):
+    long = [f"{path.name}:{n} ({len(line)})" for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long, long
+
+
+def diff_lines(a: Path, b: Path) -> int:
+    """The lines `diff a b` marks < or >: the ones only one of the files has."""
+    if shutil.which("diff"):
+        out = subprocess.run(["diff", str(a), str(b)], capture_output=True, text=True).stdout
+        return sum(line.startswith(("<", ">")) for line in out.splitlines())
+    diff = difflib.unified_diff(a.read_text().splitlines(), b.read_text().splitlines(), n=0, lineterm="")
+    return sum(line.startswith(("-", "+")) and not line.startswith(("---", "+++")) for line in diff)
+
+
+COPIES = [path for path in SCRIPTS if path != TEMPLATE]
+
+
+@pytest.mark.parametrize("path", COPIES, ids=[path.stem for path in COPIES])
+def test_a_script_differs_from_the_template_in_few_lines(path):
+    budget = DIFF_LINES.get(path.stem, 80)
+    assert diff_lines(TEMPLATE, path) <= budget, f"diff algos/grpo_vlm.py algos/{path.name}: over {budget} lines"
+
+
+def torchrun_helpers_named(path: Path) -> list[tuple[int, str]]:
+    """(line number, name) of each torchrun helper (TORCHRUN_HELPERS) that the code of the script's ALGO LOGIC blocks
+    names (conftest.marked_blocks; comments and strings do not count)."""
+    lines = {number for block in marked_blocks(path, ALGO) for number, _ in block}
+    with open(path) as f:
+        tokens = list(tokenize.generate_tokens(f.readline))
+    return [(t.start[0], t.string) for t in tokens if t.type == tokenize.NAME and t.string in TORCHRUN_HELPERS and t.start[0] in lines]
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=[path.stem for path in SCRIPTS])
+def test_no_algo_logic_block_calls_a_torchrun_helper_but_the_loss_normalisers_global_sum(path):
+    """The lesson's code reads as one process's: Run.log sums the logged shares over ranks, gradient_accumulation
+    syncs the gradients, Rollouts.keep pads the ranks' rows; only the loss's normaliser is summed in the script."""
+    assert TORCHRUN_HELPERS <= set(vars(common.dist)), TORCHRUN_HELPERS - set(vars(common.dist))  # the list is current
+    source = path.read_text().splitlines()
+    named = torchrun_helpers_named(path)
+    normaliser = [(n, name) for n, name in named if name == "all_sum" and re.match(r"[\w\s,]*\bnormaliser\b[\w\s,]*=(?!=)", source[n - 1])]
+    assert len(normaliser) <= 1 and not [x for x in named if x not in normaliser], [(n, source[n - 1].strip()) for n, _ in named]
+
+
+def test_the_algo_logic_blocks_are_found_and_a_torchrun_call_in_one_is_seen(tmp_path):
+    """The test above sees a torchrun helper in an ALGO LOGIC block, and not one in a TRY NOT TO MODIFY block."""
+    source = TEMPLATE.read_text()
+    assert [name for _, name in torchrun_helpers_named(TEMPLATE)] == ["all_sum"]  # normaliser = all_sum(...)
+    copy = tmp_path / "copy_vlm.py"
+    line = "informative = batch.rewards.view(-1, G).std(dim=1) > 0"
+    assert line in source
+    copy.write_text(source.replace(line, "informative = gather(batch.rewards).view(-1, G).std(dim=1) > 0"))
+    assert [name for _, name in torchrun_helpers_named(copy)] == ["gather", "all_sum"]
+    copy.write_text(source.replace("torch.manual_seed(args.seed)\n", "torch.manual_seed(args.seed + rank())\n"))
+    assert [name for _, name in torchrun_helpers_named(copy)] == ["all_sum"]  # in the seeding block: not algorithm

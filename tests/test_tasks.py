@@ -1,10 +1,12 @@
 """Task data: deterministic, held out, honest (the answer is what the image shows), and the real-dataset paths
 in the schemas of BUAADreamer/clevr_count_70k, hiyouga/geometry3k and lmms-lab/RefCOCO."""
 
+import ast
 import collections
 import json
 import math
 import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 
 from common import tasks
 
-TWINS = [task for task in tasks.TASKS if task not in tasks.F1_TASKS]  # the tasks with an offline synthetic twin (MAT: tests/test_mat.py)
+TWINS = [name for name, task in tasks.TASKS.items() if task.examples is not None]  # offline twins (MAT has none: tests/test_mat.py)
 
 
 @pytest.mark.parametrize("task", TWINS)
@@ -130,8 +132,88 @@ def test_grounding_scenes_follow_their_spec_with_distinct_colours_and_shaded_cel
 def test_unknown_task_exits_naming_the_choices():
     with pytest.raises(SystemExit, match=r"unknown task 'cnt'.*counting"):
         tasks.load_task("cnt", "train", 1)
-    with pytest.raises(SystemExit, match=r"unknown task 'cnt'.*counting"):
-        tasks.reward_fn("cnt")
+    with pytest.raises(SystemExit, match=r"unknown task 'cnt'; choose one of: counting, math, grounding, zoom, mat-search, mat-coding$"):
+        tasks.get_task("cnt")
+
+
+@pytest.mark.parametrize("task", TWINS)
+def test_the_ideal_response_earns_the_full_reward(task):
+    """What the tiny model's warm start imitates is right: 1 (grounding: the box rounded to the 0-1000 frame, IoU ~1)."""
+    record = tasks.get_task(task)
+    for e in tasks.load_task(task, "warmstart", 50):
+        reward = record.reward_fn()(tasks.ideal_response(task, e), e.answer)
+        assert reward == (pytest.approx(1.0, abs=0.05) if record.metric == "iou" else 1.0), (e.answer, tasks.ideal_response(task, e))
+
+
+def test_the_ideal_zoom_episode_looks_at_the_card_whose_digit_it_answers():
+    for e in tasks.load_task("zoom", "warmstart", 20):
+        call, answer = tasks.ideal_turns("zoom", e)
+        face = tasks.zoom_tool(re.fullmatch(r"<tool>zoom\((\d)\)</tool>", call).group(1), e)
+        assert face.tobytes() == tasks.draw_card_face(int(e.answer)).tobytes() and answer == f"<answer>{e.answer}</answer>"
+
+
+def test_summarize_counts_rewards_at_success_as_right_and_logs_the_mean_as_the_metric():
+    assert tasks.get_task("counting").summarize([1.0, 0.0, 1.0, 0.5], "eval") == {"eval/accuracy": 0.5}
+    assert tasks.get_task("grounding").summarize([0.5, 0.49, 1.0, 0.01], "charts") == {"charts/accuracy": 0.5, "charts/iou": 0.5}
+    assert tasks.get_task("mat-search").summarize([], "eval") == {"eval/accuracy": 0.0, "eval/f1": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------- import circles
+def import_graph(folder: Path) -> dict[str, set[str]]:
+    """Each module of the package `folder` -> the package's modules it imports, at module level or inside a function
+    (read with ast: nothing runs). `from pkg import name` counts as importing pkg.name when that is a module."""
+    modules = {}
+    for path in sorted(folder.rglob("*.py")):
+        parts = path.relative_to(folder.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(p for p in (base, node.module) if p)
+                imported |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+        graph[name] = {m for m in imported if m in modules and m != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as [a, b, ..., a], or None: a depth-first search that meets a module still on its path."""
+    state = {}  # module -> "open" (on the current path) or "done"
+
+    def visit(path):
+        state[path[-1]] = "open"
+        for nxt in sorted(graph[path[-1]]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(path + [nxt])):
+                return cycle
+        state[path[-1]] = "done"
+        return None
+
+    return next((cycle for module in sorted(graph) if module not in state and (cycle := visit([module]))), None)
+
+
+def test_common_has_no_import_circles(repo_root):
+    graph = import_graph(Path(repo_root) / "common")
+    assert "common.sandbox" in graph["common.tasks"]  # an import inside a function (python_tool's) is seen
+    cycle = find_cycle(graph)
+    assert cycle is None, f"common/ imports in a circle: {' -> '.join(cycle)}; move the shared code to one side"
+
+
+def test_the_circle_check_finds_a_circle_closed_inside_a_function(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("import os\nfrom pkg.b import f\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    from . import a  # imported here: a imports this module\n")
+    (tmp_path / "pkg" / "c.py").write_text("from pkg import a, b\n")
+    graph = import_graph(tmp_path / "pkg")
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg", "pkg.a"}, "pkg.c": {"pkg", "pkg.a", "pkg.b"}}
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
 
 
 # ---------------------------------------------------------------------------------------------- real dataset

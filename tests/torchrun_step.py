@@ -76,7 +76,8 @@ def main(runs_json: str):
         policy.generate = fixed_responses(set(run["equal_groups"]))  # what common.policy.sample samples with
         agent.generate = scripted_turns(model_generate) if run.get("agentic") else model_generate
         module.make_optimizer = lambda name, params, lr: torch.optim.SGD([p for p in params if p.requires_grad], lr=lr)
-        tasks.reward_fn = lambda task, box_frame=None: lambda completion, answer, format_reward=0.0: float(completion.startswith("1"))
+        # every task's reward (the scripts call get_task(args.task).reward_fn(box_frame)); Task is frozen: set on the class
+        tasks.Task.reward_fn = lambda task, box_frame=None: lambda completion, answer, format_reward=0.0: float(completion.startswith("1"))
         module.main(tyro.cli(module.Args, args=run["flags"]))
 
 
