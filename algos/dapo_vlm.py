@@ -73,8 +73,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 
 
 def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: float) -> torch.Tensor:
-    """DAPO's soft overlong punishment (eq. 13) of lengths (N,), added to the reward; L_max = max_tokens:
-        R_length = min(0, ((L_max - L_cache) - |y|) / L_cache), L_cache = buffer * L_max, down to -1 at L_max"""
+    """DAPO's soft overlong punishment (eq. 13): min(0, (L_max - L_cache - |y|) / L_cache) >= -1, L_max = max_tokens."""
     cache = buffer * max_tokens
     return ((max_tokens - cache - lengths) / cache).clamp(-1, 0) if cache else torch.zeros_like(lengths)
 
@@ -103,7 +102,6 @@ def check_args(args: Args):
         (args.clip_eps <= 0, f"--clip-eps {args.clip_eps}: use a clip range > 0"),
         (args.clip_eps_high <= 0, f"--clip-eps-high {args.clip_eps_high}: use an upper clip range > 0 (DAPO: 0.28)"),
         (not 0 <= args.overlong_buffer <= 1, f"--overlong-buffer {args.overlong_buffer}: use a share in [0, 1]"),
-        (args.max_resample_rounds < 0, f"--max-resample-rounds {args.max_resample_rounds}: use 0 or more"),
         (args.max_resample_rounds and get_task(args.task).tools,
          f"--task {args.task} is agentic: add --max-resample-rounds 0 (a refill rebuilds one-turn prompts)"),
         (args.updates_per_step < 1, f"--updates-per-step {args.updates_per_step}: use 1 or more"),
@@ -164,8 +162,6 @@ def train(run: Run):
         batch = sampler.sample(examples, args.group_size)
         answers = [e.answer for e in batch.examples]
         batch.rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(batch.completions, answers)])
-        longest = args.max_new_tokens * (args.max_turns if task.tools else 1)  # model-written tokens at most
-        batch.rewards += overlong_penalty(batch.mask.sum(1).cpu(), longest, args.overlong_buffer)
         return batch  # rewards: (B*G,)
 
     run.start(model, processor, optimizer, evaluate, reference_fingerprint)
@@ -187,7 +183,9 @@ def train(run: Run):
             batch = sampler.refill(batch, empty, new, new.rewards.view(-1, G).std(dim=1) > 0)  # slot by slot
 
         # ALGO LOGIC: advantage, group-normalised reward, one per sequence
-        batch.advantages = group_advantages(batch.rewards, G).to(device)  # (B*G,)
+        longest = args.max_new_tokens * (args.max_turns if task.tools else 1)  # model-written tokens at most
+        shaped = batch.rewards + overlong_penalty(batch.mask.sum(1).cpu(), longest, args.overlong_buffer)
+        batch.advantages = group_advantages(shaped, G).to(device)  # (B*G,): the overlong penalty in the reward
         informative = batch.rewards.view(-1, G).std(dim=1) > 0  # (B,): groups whose rewards differ
         trained = informative if args.skip_zero_advantage_groups else torch.ones_like(informative)
         train_batch = batch.keep(trained.repeat_interleave(G).nonzero().squeeze(1).tolist())  # rows of those groups
@@ -220,9 +218,9 @@ def train(run: Run):
         optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
         if normaliser == 0:  # every group skipped: nothing was trained on (no losses/* but a null grad norm)
             grad_norm = math.nan
+        losses["charts/resampled_prompts"] = resampled  # summed over ranks, as the losses' shares are
 
         # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
-        losses["charts/resampled_prompts"] = resampled  # summed over ranks, as the losses' shares are
         run.log({"charts/learning_rate": lr, "losses/grad_norm": grad_norm}, batch, rank_shares=losses)
     run.finish()  # <run>/model (or <run>/adapter), the summary line
 

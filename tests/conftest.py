@@ -16,7 +16,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
+
+# One thread per process, this one and every script, torchrun and vLLM process it starts (they inherit it): the tiny
+# models gain nothing from a second thread, and two processes of two threads each on a 2-core machine spin against
+# each other (a step measured 0.5 s alone, 19 s so). Set before torch is imported, which reads it then.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
 # The suite runs as on a new machine even on a warm one: vLLM's cache (its `modelinfos` once hid a bug that failed
 # every fresh machine), Hugging Face's and ours start empty, in a folder of their own. Set before anything imports
@@ -211,3 +216,16 @@ def force_tool_call(monkeypatch):
         return calls
 
     return install
+
+
+# The quick tier, `pytest -m "not slow"` (README): every algorithm's math, the tasks and rewards, the in-process
+# steps, and one smoke run of every script; `slow` are the tests that start model families, torchrun, vLLM or the
+# end-to-end runs of the template's shared blocks, and CI runs them too (plain `pytest`).
+SLOW_MODULES = {"test_dist", "test_families", "test_rollout", "test_loading", "test_benchmarks", "test_startup"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES or "end_to_end_script" in item.fixturenames or item.get_closest_marker("slow_test"):
+            item.add_marker(pytest.mark.slow)

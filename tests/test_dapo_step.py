@@ -3,6 +3,8 @@ budget, its flags parsed as the command line parses them, its rewards replaced (
 sampling, the token-level loss over micro-batches, the overlong penalty in the rewards, no reference model, and DAPO's
 own flags. Its pure functions: tests/test_dapo_math.py."""
 
+import math
+
 import pytest
 import torch
 from conftest import REPO_ROOT, load_script
@@ -71,22 +73,31 @@ def test_resampled_prompts_counts_the_new_prompts_not_the_rounds(dapo, tiny_mode
     assert record["charts/reward_mean"] == 0.5 and record["charts/zero_advantage_groups"] == 0
 
 
-# The soft overlong punishment reaches the rewards that the advantages and the charts see
-def test_the_overlong_penalty_is_added_to_the_rollouts_rewards(dapo, tiny_model_dir, tmp_path, one_thread):
-    # every response earns 1; uneven lengths 2, 3, 4, 4 (EOS included) of --max-new-tokens 4, --overlong-buffer 0.5:
-    # L_cache = 2, so the penalty is 0 up to 2 tokens, then -(|y| - 2) / 2: 0, -0.5, -1, -1 → rewards 1, 0.5, 0, 0
+# The soft overlong punishment reaches the advantages; the charts and the all-equal test read the task's reward
+def test_the_overlong_penalty_shapes_the_advantages_not_the_charts(dapo, tiny_model_dir, tmp_path, one_thread):
+    # one prompt, G = 4 responses of lengths 2, 3, 4, 4 (EOS included) of --max-new-tokens 4, task rewards 1, 1, 0, 1
+    # (calls 0-3 score the step-0 eval); --overlong-buffer 0.5: L_cache = 2, penalty 0 up to 2 tokens, then
+    # -(|y| - 2) / 2: 0, -0.5, -1, -1, so the shaped rewards are 1, 0.5, -1, 0
     def step(buffer, out):
-        flags = [*ONE_STEP, "--overlong-buffer", buffer, "--max-resample-rounds", "0"]
-        return run_script(dapo, tiny_model_dir, out, *flags, reward=lambda i: 1.0, uneven_lengths=True)
+        flags = [*ONE_STEP, "--prompts-per-step", "1", "--group-size", "4", "--overlong-buffer", buffer]
+        rewards = {4: 1.0, 5: 1.0, 6: 0.0, 7: 1.0}
+        return run_script(dapo, tiny_model_dir, out, *flags, "--max-resample-rounds", "0", reward=lambda i: rewards.get(i, 1.0), uneven_lengths=True)
+
+    def grpo_advantages(r):  # (r - mean) / (std + 1e-4), the unbiased std, by hand
+        mean = sum(r) / len(r)
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / (len(r) - 1))
+        return [(x - mean) / (std + 1e-4) for x in r]
 
     run = step("0.5", tmp_path / "buffer")
     record = run.records[1]
     assert record["charts/response_length"] == 3.25  # the lengths the penalty was worked out for
-    assert record["charts/reward_mean"] == 0.375 and record["charts/zero_advantage_groups"] == 0.5
+    assert record["charts/reward_mean"] == 0.75 and record["charts/accuracy"] == 0.75  # the task's reward
     (call,) = run.loss_calls
-    assert call["advantages"] == pytest.approx([0.70691, -0.70691], abs=1e-5)  # group 0: (1, 0.5); group 1 left out
+    assert call["advantages"] == pytest.approx(grpo_advantages([1.0, 0.5, -1.0, 0.0]), abs=1e-5)
     without = step("0", tmp_path / "no-buffer")
-    assert without.records[1]["charts/reward_mean"] == 1.0 and without.loss_calls == []  # all equal: nothing to train
+    (call,) = without.loss_calls
+    assert call["advantages"] == pytest.approx(grpo_advantages([1.0, 1.0, 0.0, 1.0]), abs=1e-5)
+    assert without.records[1]["charts/reward_mean"] == 0.75
 
 
 # The token-level loss: each micro-batch weighted by its share of the step's tokens
@@ -141,7 +152,6 @@ DAPO_BAD_FLAGS = {
     "clip-eps=0": (["--clip-eps", "0"], "--clip-eps 0.0: "),
     "clip-eps-high=0": (["--clip-eps-high", "0"], "--clip-eps-high 0.0: "),
     "overlong-buffer=2": (["--overlong-buffer", "2"], "--overlong-buffer 2.0: "),
-    "max-resample-rounds=-1": (["--max-resample-rounds", "-1"], "--max-resample-rounds -1: "),
     "agentic-dynamic-sampling": (["--task", "zoom"], "--task zoom is agentic: add --max-resample-rounds 0"),
 }
 
