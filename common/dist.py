@@ -127,7 +127,7 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 
 def shard(items: list) -> list:
-    """This rank's contiguous share of `items`, whose length the world size divides (check_flags makes sure)."""
+    """This rank's contiguous share of `items`, whose length the world size divides (SharedArgs.check makes sure)."""
     n = len(items) // world_size()
     return items[rank() * n : (rank() + 1) * n]
 
