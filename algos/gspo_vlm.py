@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common.args import SharedArgs  # noqa: E402
-from common.dist import all_sum, init, rank, shard, world_size, wrap  # noqa: E402
+from common.dist import all_sum, init, rank, for_this_rank, world_size, wrap  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.policy import Sampler, gradient_accumulation, batch_logprobs, load_data, load_policy  # noqa: E402
 from common.policy import sequence_logprobs  # noqa: E402
@@ -127,7 +127,7 @@ def train(run: Run):
         model_path, args.dtype, device, with_reference, args.min_pixels, args.max_pixels, args.lora_config(),
         args.freeze_vision_tower, args.gradient_checkpointing, args.dist, run.checkpoint,
         run.state and run.state["reference_fingerprint"])  # fmt: skip
-    trainer = wrap(model, args.dist)  # torchrun: FSDP2 shards `model` in place (trainer is model), DDP wraps it
+    wrapped_model = wrap(model, args.dist)  # torchrun: FSDP2 shards `model` in place (it is `model`), DDP wraps it
     optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.lr)  # the weights that require grad
     if world_size() > 1:
         torch.manual_seed(args.seed + rank())  # the same initial weights everywhere, each rank's own sampling noise
@@ -156,7 +156,7 @@ def train(run: Run):
         optimizer.param_groups[0]["lr"] = lr
 
         # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts (under torchrun, this rank's B / N)
-        G, batch = args.group_size, rollout(shard(random.sample(train_examples, args.prompts_per_step)))
+        G, batch = args.group_size, rollout(for_this_rank(random.sample(train_examples, args.prompts_per_step)))
 
         # ALGO LOGIC: advantage, group-normalised reward, one per sequence
         batch.advantages = group_advantages(batch.rewards, G).to(device)  # (B*G,)
@@ -178,8 +178,8 @@ def train(run: Run):
         for minibatch in passes:
             normaliser = all_sum(minibatch.sequences)  # the loss's: the global step's responses
             optimizer.zero_grad(set_to_none=True)
-            for micro in gradient_accumulation(minibatch, mb, trainer):
-                logprobs = batch_logprobs(trainer, micro)  # (n, T), with gradients
+            for micro in gradient_accumulation(minibatch, mb, wrapped_model):
+                logprobs = batch_logprobs(wrapped_model, micro)  # (n, T), with gradients
                 old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs
                 loss, logs = gspo_loss(logprobs, old, micro.advantages, micro.mask,
                                        args.clip_eps_low, args.clip_eps_high)  # fmt: skip
@@ -197,7 +197,7 @@ def train(run: Run):
             grad_norm = math.nan
 
         # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
-        run.log({"charts/learning_rate": lr, "losses/grad_norm": grad_norm}, batch, rank_shares=losses)
+        run.log({"charts/learning_rate": lr, "losses/grad_norm": grad_norm}, batch, summed_over_ranks=losses)
     run.finish()  # <run>/model (or <run>/adapter), the summary line
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common.args import SharedArgs  # noqa: E402
-from common.dist import all_sum, init, rank, shard, world_size, wrap  # noqa: E402
+from common.dist import all_sum, init, rank, for_this_rank, world_size, wrap  # noqa: E402
 from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.policy import Sampler, gradient_accumulation, batch_logprobs, load_data, load_policy  # noqa: E402
 from common.policy import micro_batches, reference_logprobs  # noqa: E402
@@ -72,7 +72,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, tot
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=lambda t: t) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps), masked mean and (biased) variance as TRL whitens; `total`: of the whole batch."""
+    """(x - mean) / sqrt(var + eps), masked mean and biased variance (TRL's masked_whiten takes the unbiased one: the
+    std differs by sqrt(n / (n - 1)) over n tokens); `total`: of the whole batch."""
     mean = masked_mean(x, mask, total=total)
     var = masked_mean((x - mean) ** 2, mask, total=total)
     return (x - mean) * torch.rsqrt(var + eps) * mask
@@ -189,13 +190,13 @@ def train(run: Run):
         model_path, args.dtype, device, with_reference, args.min_pixels, args.max_pixels, args.lora_config(),
         args.freeze_vision_tower, args.gradient_checkpointing, args.dist, run.checkpoint,
         run.state and run.state["reference_fingerprint"])  # fmt: skip
-    trainer = wrap(model, args.dist)  # torchrun: FSDP2 shards `model` in place (trainer is model), DDP wraps it
+    wrapped_model = wrap(model, args.dist)  # torchrun: FSDP2 shards `model` in place (it is `model`), DDP wraps it
 
     # ALGO LOGIC: the critic, a value head on the actor's trunk (not a second VLM: docs/ppo_vlm.md), the same optimizer
     value_head = make_value_head(model)
     if run.state:
         value_head.load_state_dict(run.state["value_head"])
-    value_trainer, params = wrap(value_head, args.dist), [*model.parameters(), *value_head.parameters()]
+    wrapped_value_head, params = wrap(value_head, args.dist), [*model.parameters(), *value_head.parameters()]
     optimizer = make_optimizer(args.optimizer, params, lr=args.lr)  # the weights that require grad
 
     # TRY NOT TO MODIFY: rollout engine
@@ -227,7 +228,7 @@ def train(run: Run):
         optimizer.param_groups[0]["lr"] = lr
 
         # TRY NOT TO MODIFY: rollout and reward, G responses to each of B prompts (under torchrun, this rank's B / N)
-        G, batch = args.group_size, rollout(shard(random.sample(train_examples, args.prompts_per_step)))
+        G, batch = args.group_size, rollout(for_this_rank(random.sample(train_examples, args.prompts_per_step)))
 
         # ALGO LOGIC: log-probs and values under the sampling policy, log-probs under the reference, by the trainer
         mb = args.micro_batch_size
@@ -249,8 +250,8 @@ def train(run: Run):
         for minibatch in (batch[rows] for rows in passes):  # update_epochs x num_minibatches shuffled minibatches
             normaliser = all_sum(minibatch.mask.sum())  # the loss's: the global minibatch's response tokens
             optimizer.zero_grad(set_to_none=True)
-            for micro in gradient_accumulation(minibatch, mb, trainer, value_trainer):
-                logprobs, values = logprobs_and_values(trainer, value_trainer, micro)  # (n, T) each, with gradients
+            for micro in gradient_accumulation(minibatch, mb, wrapped_model, wrapped_value_head):
+                logprobs, values = logprobs_and_values(wrapped_model, wrapped_value_head, micro)  # (n, T) each
                 pg_loss, clip, kl = ppo_loss(logprobs, micro.old_logprobs, micro.advantages, micro.mask, args.clip_eps)
                 v_loss, v_clip = value_loss(values, micro.old_values, micro.returns, micro.mask, args.clip_eps_value)
                 loss = pg_loss + args.vf_coef * v_loss
@@ -276,7 +277,7 @@ def train(run: Run):
         grad_norm = sum(grad_norms) / len(grad_norms)  # mean over the minibatch updates
 
         # TRY NOT TO MODIFY: log / eval / save (under torchrun: over every rank's rollouts, rank 0 writes)
-        run.log({"charts/learning_rate": lr, "losses/grad_norm": grad_norm, **critic}, batch, rank_shares=losses)
+        run.log({"charts/learning_rate": lr, "losses/grad_norm": grad_norm, **critic}, batch, summed_over_ranks=losses)
     run.finish()  # <run>/model (or <run>/adapter), the summary line
 
 

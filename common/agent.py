@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from common.dist import all_max
-from common.vlm import build_prompts, generate, select, stop_token_id
+from common.vlm import build_prompts, generate, stop_token_id, take_rows
 
 TOOL_CALL = re.compile(r"<tool>\s*([A-Za-z_]\w*)\((.*?)\)\s*</tool>", re.DOTALL)
 MAX_TOOL_TEXT = 2000  # characters of a tool's text result the model reads (a flood is cut, with a note)
@@ -94,7 +94,7 @@ def start_episodes(processor, prompts, examples, num_samples: int) -> list[Episo
     episodes = []
     for i, (ids, attention) in enumerate(zip(prompts["input_ids"].tolist(), prompts["attention_mask"].tolist())):
         ids = [t for t, a in zip(ids, attention) if a]
-        image = image_blocks(select(prompts, [i]))
+        image = image_blocks(take_rows(prompts, [i]))
         for _ in range(num_samples):
             episodes.append(Episode(examples[i], i, list(ids), len(ids), list(image), [examples[i].image]))
     return episodes
@@ -102,7 +102,7 @@ def start_episodes(processor, prompts, examples, num_samples: int) -> list[Episo
 
 def image_blocks(inputs) -> list:
     """[(pixel_values rows, grid thw)] per image of a one-row Qwen-VL batch; [] for a family without image grids
-    (its single prompt image stays in the prompt batch, `select`ed per row)."""
+    (its single prompt image stays in the prompt batch, picked per row by `take_rows`)."""
     if "image_grid_thw" not in inputs:
         return []
     sizes = inputs["image_grid_thw"].prod(-1).tolist()
@@ -126,7 +126,7 @@ def add_tool_turn(episode: Episode, processor, result):
 def context_batch(processor, prompts, episodes: list[Episode]):
     """The episodes so far as one left-padded batch to continue from: ids, attention mask, every image in order."""
     pad, longest = processor.tokenizer.pad_token_id, max(len(e.ids) for e in episodes)
-    batch = select(prompts, [e.prompt_row for e in episodes])  # the image inputs of families without grids (their one prompt image)
+    batch = take_rows(prompts, [e.prompt_row for e in episodes])  # the image inputs of families without grids (their one prompt image)
     batch["input_ids"] = torch.tensor([[pad] * (longest - len(e.ids)) + e.ids for e in episodes])
     batch["attention_mask"] = torch.tensor([[0] * (longest - len(e.ids)) + [1] * len(e.ids) for e in episodes])
     if "mm_token_type_ids" in batch:  # Qwen-VL: 1 on image tokens (M-RoPE numbers images by it)
@@ -199,7 +199,7 @@ def episode_batch(prompts, episodes: list[Episode], eos_id: int, train_turns: st
     episode i's, left-padded) with every image of the episode; response_ids (N, T), everything after the prompt,
     EOS-padded; mask (N, T): 1 on the model-written tokens trained on (every turn's, or the last turn's), else 0."""
     N = len(episodes)
-    inputs = select(prompts, [e.prompt_row for e in episodes])
+    inputs = take_rows(prompts, [e.prompt_row for e in episodes])
     if "image_grid_thw" in inputs and any(len(e.pixel_blocks) > 1 for e in episodes):  # tool images: every row's, in order
         inputs["pixel_values"] = torch.cat([rows for e in episodes for rows, _ in e.pixel_blocks]).to(inputs["pixel_values"].device)
         inputs["image_grid_thw"] = torch.stack([grid for e in episodes for _, grid in e.pixel_blocks]).to(inputs["image_grid_thw"].device)

@@ -58,10 +58,11 @@ class SharedArgs:
     """LoRA alpha: the adapter's update B·A is scaled by alpha / r"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input while training (0 keeps the trained policy equal to the sampled one)"""
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj")  # fmt: skip
     """names of the linear layers that get adapters (Qwen-style names), never inside the vision tower"""
     lora_merge: bool = False
-    """with --lora, also save the merged full model (base + adapters) to <run>/model; the adapter goes to <run>/adapter"""
+    """with --lora, also save the merged full model (base + adapters) to <run>/model (the adapter: <run>/adapter)"""
     gradient_checkpointing: bool = False
     """keep only each layer's input in the forward pass and recompute the layer in backward: less activation
     memory for one more forward pass"""
@@ -78,7 +79,7 @@ class SharedArgs:
     max_prompt_tokens: int = 512
     """longest prompt allowed, image tokens included (never truncated: too long is an error)"""
     max_turns: int = 3
-    """agentic tasks: model turns per episode at most (each up to --max-new-tokens; a tool's result comes between two)"""
+    """agentic tasks: model turns per episode at most (each up to --max-new-tokens; a tool's result between two)"""
     train_turns: Literal["all", "last"] = "all"
     """agentic tasks: train every model-written token of every turn (all), or only the last turn's (last: RLLaVA's way,
     an ablation); tool-written tokens are never trained on"""
@@ -115,17 +116,19 @@ class SharedArgs:
         checks = [
             (self.total_steps < 1, f"--total-steps {self.total_steps}: train for at least 1 step"),
             (self.prompts_per_step < 1, f"--prompts-per-step {self.prompts_per_step}: use 1 or more"),
-            (self.prompts_per_step > self.train_size, f"--prompts-per-step {self.prompts_per_step} > --train-size {self.train_size}: raise --train-size"),
+            (self.prompts_per_step > self.train_size,
+             f"--prompts-per-step {self.prompts_per_step} > --train-size {self.train_size}: raise --train-size"),
             (self.eval_size < 1, f"--eval-size {self.eval_size}: eval/accuracy needs at least 1 held-out example"),
             (self.eval_every < 1, f"--eval-every {self.eval_every}: evaluate every 1 or more steps"),
             (self.micro_batch_size < 1, f"--micro-batch-size {self.micro_batch_size}: use 1 or more sequences"),
-            (self.temperature <= 0, f"--temperature {self.temperature}: sampling needs a temperature > 0 (1 samples the policy)"),
+            (self.temperature <= 0, f"--temperature {self.temperature}: use a temperature > 0 (1 samples the policy)"),
             (self.max_new_tokens < 1, f"--max-new-tokens {self.max_new_tokens}: allow 1 or more"),
             (self.max_prompt_tokens < 1, f"--max-prompt-tokens {self.max_prompt_tokens}: allow 1 or more"),
             (self.max_turns < 1, f"--max-turns {self.max_turns}: allow 1 or more model turns per episode"),
             (self.lr <= 0, f"--lr {self.lr}: use a learning rate > 0"),
             (self.max_grad_norm <= 0, f"--max-grad-norm {self.max_grad_norm}: use a norm > 0"),
-            (not 0 <= self.format_reward < 1, f"--format-reward {self.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
+            (not 0 <= self.format_reward < 1,
+             f"--format-reward {self.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
             (self.save_every < 0, f"--save-every {self.save_every}: use 0 (no checkpoints) or more"),
             (self.lora_rank < 1, f"--lora-rank {self.lora_rank}: use 1 or more"),
             (not 0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout}: use 0 <= it < 1"),
@@ -133,9 +136,12 @@ class SharedArgs:
             (self.min_pixels is not None and self.min_pixels < 1, f"--min-pixels {self.min_pixels}: use 1 or more"),
             (self.max_pixels is not None and self.max_pixels < 1, f"--max-pixels {self.max_pixels}: use 1 or more"),
             # torchrun (common/dist.py)
-            (self.prompts_per_step % world != 0, f"--prompts-per-step {self.prompts_per_step} does not split over {world} ranks: use a multiple of {world}"),
-            (sharded and self.optimizer != "adamw", f"--optimizer {self.optimizer}: bitsandbytes' 8-bit state needs whole tensors, FSDP2 shards them: use --dist ddp or --optimizer adamw"),
-            (sharded and self.lora_merge, "--lora-merge under FSDP2: merge the saved <run>/adapter afterwards (docs/grpo_vlm.md#torchrun), or use --dist ddp"),
+            (self.prompts_per_step % world != 0,
+             f"--prompts-per-step {self.prompts_per_step} does not split over {world} ranks: use a multiple of it"),
+            (sharded and self.optimizer != "adamw",
+             f"--optimizer {self.optimizer} under FSDP2 (it shards tensors): use --dist ddp or --optimizer adamw"),
+            (sharded and self.lora_merge, "--lora-merge under FSDP2: merge the saved <run>/adapter afterwards "
+             "(docs/grpo_vlm.md#torchrun), or use --dist ddp"),
         ]  # fmt: skip
         for bad, message in checks:
             if bad:

@@ -7,7 +7,7 @@ rank 0, nothing to reduce. Under torchrun each process (rank) joins one process 
 and the step is split like this:
 
   prompts      every rank draws the same global batch (Python's `random`, seeded alike) and keeps its contiguous
-               share (`shard`): a group of G responses never spans ranks. Each rank samples its own rollouts.
+               share (`for_this_rank`): a group of G responses never spans ranks. Each rank samples its own rollouts.
   update       each rank weights its micro-batches by their share of the *global* step (its sequences or tokens over
                every rank's, `all_sum`), and the engine sums the gradients over ranks (`wrap`): the update is the
                single-process update on the global batch. Every rank runs the same number of forward passes (FSDP's
@@ -15,8 +15,8 @@ and the step is split like this:
   engines      --dist fsdp (default): FSDP2's `fully_shard` on every transformer block (the model's
                `_no_split_modules`) and the root, so weights, gradients and optimizer state are split over the ranks.
                --dist ddp: DistributedDataParallel, a full replica per rank, all-reducing gradients.
-  metrics      means over every rank's sequences (`gather`, `all_sum`); eval is split over ranks (`split_map`); only
-               rank 0 writes metrics.jsonl, wandb, the progress bar, stdout, checkpoints and the saved model
+  metrics      means over every rank's sequences (`gather`, `all_sum`); eval is split over ranks (`map_over_ranks`);
+               only rank 0 writes metrics.jsonl, wandb, the progress bar, stdout, checkpoints and the saved model
                (gathered into a full state dict first, so it loads with `from_pretrained` like a single-process one).
 """
 
@@ -99,18 +99,18 @@ def _sum_gradients(state, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def accumulate(micro_batches: list, *trainers):
+def sync_gradients_on_last(micro_batches: list, *wrapped_models):
     """Iterate over a step's micro-batches for gradient accumulation, the gradients reduced over ranks once, in the
     last one's backward: DDP would otherwise add the gradients it already all-reduced again (`no_sync` before the
     last), and FSDP2 saves a reduce-scatter per micro-batch (`set_requires_gradient_sync`)."""
     for i, rows in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.ExitStack() as stack:
-            for trainer in trainers if world_size() > 1 else ():
-                if isinstance(trainer, torch.nn.parallel.DistributedDataParallel) and not last:
-                    stack.enter_context(trainer.no_sync())
-                elif is_sharded(trainer):
-                    trainer.set_requires_gradient_sync(last)
+            for wrapped in wrapped_models if world_size() > 1 else ():
+                if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and not last:
+                    stack.enter_context(wrapped.no_sync())
+                elif is_sharded(wrapped):
+                    wrapped.set_requires_gradient_sync(last)
             yield rows
 
 
@@ -126,13 +126,13 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard(items: list) -> list:
+def for_this_rank(items: list) -> list:
     """This rank's contiguous share of `items`, whose length the world size divides (SharedArgs.check makes sure)."""
     n = len(items) // world_size()
     return items[rank() * n : (rank() + 1) * n]
 
 
-def split_map(fn, items: list) -> list:
+def map_over_ranks(fn, items: list) -> list:
     """fn(items), computed in equal parts on every rank and gathered in order. The last part is padded with copies of
     the last item (their results dropped), so that every rank makes the same calls (FSDP's forwards are collectives)."""
     if world_size() == 1:
@@ -156,11 +156,6 @@ def all_sum(x):
     t = _on_comm_device(torch.as_tensor(x, dtype=None if torch.is_tensor(x) else torch.float64))
     dist.all_reduce(t)
     return t.to(x.device) if torch.is_tensor(x) else t.item()
-
-
-def all_mean(x):
-    """Mean of a tensor or number over ranks: the global mean of a per-rank mean over equally many items."""
-    return all_sum(x) / world_size()
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:

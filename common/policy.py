@@ -17,8 +17,8 @@ from common.dist import wrap
 from common.runs import weights_fingerprint
 from common.tasks import load_task
 from common.tiny_vlm import tiny_processor
-from common.vlm import build_prompts, generate, load_processor, load_vlm, response_logprobs, response_mask, select
-from common.vlm import stop_token_id, suppressed_token_ids, vision_tower
+from common.vlm import build_prompts, cat_inputs, generate, load_processor, load_vlm, response_logprobs, response_mask
+from common.vlm import stop_token_id, suppressed_token_ids, take_rows, vision_tower
 
 
 def load_data(task: str, dataset: str | None, train_size: int, eval_size: int, model: str, min_pixels: int | None,
@@ -28,6 +28,15 @@ def load_data(task: str, dataset: str | None, train_size: int, eval_size: int, m
     max_prompt_tokens (if not, one line says what to do). model: 'tiny' or a hub id / checkpoint dir."""
     train = load_task(task, "train", train_size, dataset)
     held_out = load_task(task, "eval", eval_size, dataset)
+    source = f"--dataset {dataset}" if dataset else f"--task {task}"
+    if len(train) < check_rows:  # a step samples check_rows (--prompts-per-step) distinct prompts
+        raise SystemExit(f"{source} has {len(train)} training rows, fewer than --prompts-per-step {check_rows}: "
+                         "lower --prompts-per-step or use more data")
+    if not held_out:
+        raise SystemExit(f"{source} has no held-out rows to evaluate on: add a 'test' split or more rows")
+    if len(held_out) < eval_size:
+        print(f"note: {source} has {len(held_out)} held-out rows (--eval-size {eval_size}): eval/ metrics move in "
+              f"steps of 1/{len(held_out)}")
     if model == "tiny":
         processor = tiny_processor(task, min_pixels, max_pixels)
     else:
@@ -56,11 +65,13 @@ def load_policy(model_path: str, dtype: str, device: str, with_reference: bool, 
     if with_reference and lora is not None:
         reference = model
     elif with_reference:
-        reference = load_vlm(model_path, getattr(torch, dtype), device, min_pixels, max_pixels)[0].eval().requires_grad_(False)
+        reference = load_vlm(model_path, getattr(torch, dtype), device, min_pixels, max_pixels)[0]
+        reference = reference.eval().requires_grad_(False)
         fingerprint = weights_fingerprint(reference)
         reference = wrap(reference, dist_mode, trainable=False)  # torchrun: FSDP2 shards it too (DDP: a replica)
     if checkpoint and fingerprint != reference_fingerprint:
-        raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: resume where its --model is the same checkpoint")
+        raise SystemExit(f"--resume: the reference model ({model_path}) is not the one the run started with: "
+                         "resume where its --model is the same checkpoint")
     return model, processor, reference, fingerprint
 
 
@@ -96,7 +107,7 @@ class Rollouts:
     batch of those rows (a slice, a list or a tensor of indices), every per-row field indexed alike, the prompts'
     images included. The algorithm fills in what it computes per row (advantages, old/ref log-probs, values)."""
 
-    inputs: dict  # the prompts, a processor batch: row i is response i's, with its images (an episode's tool images too)
+    inputs: dict  # the prompts, a processor batch: row i is response i's, with its images (an episode's tool images)
     response_ids: torch.Tensor  # (N, T), EOS-padded
     mask: torch.Tensor  # (N, T): 1 on the model-written tokens trained on (up to the end-of-turn token), else 0
     completions: list[str]  # what the reward reads: the response's text (an episode's last turn)
@@ -130,7 +141,23 @@ class Rollouts:
                 picked[f.name] = value[index]
             elif f.name in ("completions", "examples"):
                 picked[f.name] = [value[i] for i in index]
-        return dataclasses.replace(self, inputs=select(self.inputs, index), **picked)
+        return dataclasses.replace(self, inputs=take_rows(self.inputs, index), **picked)
+
+    def cat(self, other: "Rollouts", eos_id: int, pad_token_id: int) -> "Rollouts":
+        """This batch's rows, then `other`'s, as one batch (the fields both have): the prompts as if processed
+        together (common.vlm.cat_inputs), the responses EOS-padded to one width and their masks 0-padded."""
+        joined = {"inputs": cat_inputs(self.inputs, other.inputs, pad_token_id)}
+        width = max(self.response_ids.shape[1], other.response_ids.shape[1])
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name in ("completions", "examples"):
+                joined[f.name] = a + b
+            elif torch.is_tensor(a) and a.dim() == 2:  # (N, T): padded on the right
+                value = eos_id if f.name == "response_ids" else 0
+                joined[f.name] = torch.cat([F.pad(x, (0, width - x.shape[1]), value=value) for x in (a, b)])
+            elif torch.is_tensor(a):
+                joined[f.name] = torch.cat([a, b])
+        return dataclasses.replace(self, **joined)
 
     def total(self, x: torch.Tensor) -> torch.Tensor:
         """x, a sum over this batch's rows, summed over the whole step's batch: under torchrun every rank holds a part
@@ -156,75 +183,74 @@ class Sampler:
 
     def __init__(self, model, processor, rollout_engine, tools: dict | None, device: str, max_new_tokens: int,
                  max_prompt_tokens: int, temperature: float, max_turns: int, train_turns: str):  # fmt: skip
-        self.model, self.processor, self.engine, self.tools, self.device = model, processor, rollout_engine, tools, device
-        self.max_new_tokens, self.max_prompt_tokens, self.temperature = max_new_tokens, max_prompt_tokens, temperature
-        self.max_turns, self.train_turns = max_turns, train_turns
+        self.model, self.processor, self.engine, self.tools = model, processor, rollout_engine, tools
+        self.device, self.max_new_tokens, self.max_prompt_tokens = device, max_new_tokens, max_prompt_tokens
+        self.temperature, self.max_turns, self.train_turns = temperature, max_turns, train_turns
         self.suppressed_ids = suppressed_token_ids(processor)  # masked in sampling and in scoring alike
 
     def sample(self, examples: list, num_samples: int) -> Rollouts:
         """num_samples responses (or episodes) to each example's prompt, ordered p0 x G, p1 x G, ..."""
-        questions = [e.question for e in examples]
-        prompts = build_prompts(self.processor, [e.image for e in examples], questions, self.max_prompt_tokens).to(self.device)
+        images, questions = [e.image for e in examples], [e.question for e in examples]
+        prompts = build_prompts(self.processor, images, questions, self.max_prompt_tokens).to(self.device)
         inputs, response_ids, mask, completions, tool_calls = sample(
             self.model, self.engine, self.processor, prompts, examples, num_samples, self.max_new_tokens,
             self.temperature, self.tools, self.max_turns, self.train_turns)  # fmt: skip
         rows = [e for e in examples for _ in range(num_samples)]
-        return Rollouts(inputs, response_ids, mask, completions, rows, tool_calls, num_samples, self.suppressed_ids, self.temperature)
+        return Rollouts(inputs, response_ids, mask, completions, rows, tool_calls, num_samples, self.suppressed_ids,
+                        self.temperature)
 
     def evaluate(self, examples: list, reward_fn, summarize) -> dict:
         """Held-out metrics of greedy responses (episodes), summarize(rewards, "eval"), split over torchrun's ranks."""
-        rewards = dist.split_map(lambda part: greedy_rewards(self.model, self.processor, part, reward_fn, self.max_new_tokens,
-                                 self.max_prompt_tokens, tools=self.tools, max_turns=self.max_turns), examples)  # fmt: skip
+        def score(part):  # this rank's part of the examples
+            return greedy_rewards(self.model, self.processor, part, reward_fn, self.max_new_tokens,
+                                  self.max_prompt_tokens, tools=self.tools, max_turns=self.max_turns)  # fmt: skip
+
+        rewards = dist.map_over_ranks(score, examples)
         return summarize(rewards, "eval")
 
 
     def refill(self, batch: Rollouts, slots: list[int], new: Rollouts, informative: torch.Tensor) -> Rollouts:
         """`batch` with its groups `slots` replaced, in order, by the groups of `new` that are `informative` ((B',)
-        bool), as many as both have, their rewards included: the prompts rebuilt, the responses EOS-padded to one
-        width. One-turn responses only (an agentic episode carries its own images)."""
-        groups = informative.nonzero().squeeze(1).tolist()
-        G, pairs, eos = batch.group_size, list(zip(slots, groups)), stop_token_id(self.processor)
-        if not pairs:
+        bool), as many as both have, their rewards included. One-turn responses and agentic episodes alike."""
+        G, groups = batch.group_size, informative.nonzero().squeeze(1).tolist()
+        replacement = dict(zip(slots, groups))  # a slot of batch -> a group of new
+        if not replacement:
             return batch
-        width = max(batch.response_ids.shape[1], new.response_ids.shape[1])
-        response_ids, new_ids = (F.pad(b.response_ids, (0, width - b.response_ids.shape[1]), value=eos) for b in (batch, new))
-        rewards, examples, completions = batch.rewards.clone(), list(batch.examples), list(batch.completions)
-        for slot, k in pairs:
-            old_rows, new_rows = slice(slot * G, slot * G + G), slice(k * G, k * G + G)
-            response_ids[old_rows], rewards[old_rows] = new_ids[new_rows], new.rewards[new_rows]
-            examples[old_rows], completions[old_rows] = new.examples[new_rows], new.completions[new_rows]
-        firsts = examples[::G]  # one per prompt
-        prompts = build_prompts(self.processor, [e.image for e in firsts], [e.question for e in firsts], self.max_prompt_tokens)
-        inputs = select(prompts.to(self.device), [i for i in range(len(firsts)) for _ in range(G)])
-        return dataclasses.replace(batch, inputs=inputs, response_ids=response_ids, mask=response_mask(response_ids, eos),
-                                   completions=completions, examples=examples, rewards=rewards)  # fmt: skip
+        both = batch.cat(new, stop_token_id(self.processor), self.processor.tokenizer.pad_token_id)  # batch's, new's
+        first = len(batch) // G  # new's group k is both's group first + k
+        kept = [first + replacement[g] if g in replacement else g for g in range(first)]  # both's groups, in order
+        return both[[g * G + j for g in kept for j in range(G)]]
 
 
 def draw_examples(examples: list, n: int) -> list:
     """n random examples more for this rank's rollouts (random.sample). Under torchrun every rank draws as many as the
     rank that needs the most, since a rollout's forwards are collectives: [] when no rank needs any."""
     most = dist.all_max(n)
-    return dist.shard(random.sample(examples, most * dist.world_size())) if most else []
+    return dist.for_this_rank(random.sample(examples, most * dist.world_size())) if most else []
 
 
-def sample(model, rollout_engine, processor, prompts, examples, num_samples: int, max_new_tokens: int, temperature: float,
-           tools: dict | None = None, max_turns: int = 1, train_turns: str = "all"):  # fmt: skip
+def sample(model, rollout_engine, processor, prompts, examples, num_samples: int, max_new_tokens: int,
+           temperature: float, tools: dict | None = None, max_turns: int = 1, train_turns: str = "all"):  # fmt: skip
     """num_samples responses per prompt, ordered p0 x G, p1 x G, ..., sampled with HF generate (rollout_engine None)
     or the co-located vLLM engine. With tools, each is a multi-turn episode (common/agent.py). Returns (inputs,
     response_ids, mask, completions, tool_calls), the fields of a Rollouts batch."""
     model.eval()
     if tools:
-        episodes = run_episodes(model, rollout_engine, processor, prompts, examples, num_samples, max_new_tokens, temperature, False, tools, max_turns)
+        episodes = run_episodes(model, rollout_engine, processor, prompts, examples, num_samples, max_new_tokens,
+                                temperature, False, tools, max_turns)  # fmt: skip
         inputs, response_ids, mask = episode_batch(prompts, episodes, stop_token_id(processor), train_turns)
         completions, tool_calls = [e.answer for e in episodes], torch.tensor([float(e.tool_calls) for e in episodes])
     else:
         if rollout_engine is None:
             response_ids = generate(model, processor, prompts, num_samples, max_new_tokens, temperature, greedy=False)
         else:
-            response_ids = rollout_engine.generate(model, prompts, [e.image for e in examples], num_samples, max_new_tokens, temperature, greedy=False)
-        inputs = select(prompts, [i for i in range(len(examples)) for _ in range(num_samples)])  # each prompt G times
+            images = [e.image for e in examples]
+            response_ids = rollout_engine.generate(model, prompts, images, num_samples, max_new_tokens, temperature,
+                                                   greedy=False)  # fmt: skip
+        inputs = take_rows(prompts, [i for i in range(len(examples)) for _ in range(num_samples)])  # each prompt G x
         mask = response_mask(response_ids, stop_token_id(processor))  # 1 up to the end-of-turn token
-        completions, tool_calls = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True), torch.zeros(len(response_ids))
+        completions = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        tool_calls = torch.zeros(len(response_ids))
     model.train()
     return inputs, response_ids, mask, completions, tool_calls
 
@@ -234,17 +260,19 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def gradient_accumulation(batch: Rollouts, micro_batch_size: int, *trainers):
+def gradient_accumulation(batch: Rollouts, micro_batch_size: int, *wrapped_models):
     """The batch in micro-batches of micro_batch_size rows, for one forward/backward each, gradients accumulating.
-    Under torchrun the gradients are reduced over ranks once, in the last one's backward (common.dist.accumulate)."""
-    for rows in dist.accumulate(micro_batches(len(batch), micro_batch_size), *trainers):
+    Under torchrun the gradients are reduced over ranks once, in the last one's backward
+    (common.dist.sync_gradients_on_last)."""
+    for rows in dist.sync_gradients_on_last(micro_batches(len(batch), micro_batch_size), *wrapped_models):
         yield batch[rows]
 
 
 def batch_logprobs(model, batch: Rollouts, hidden_states: bool = False):
     """log π of the batch's responses, with gradients when they are enabled: (N, T), 0 where mask == 0. With
     hidden_states, (log-probs, last hidden states (N, T, H)): see common.vlm.response_logprobs."""
-    return response_logprobs(model, batch.inputs, batch.response_ids, batch.mask, batch.suppressed_ids, batch.temperature, hidden_states)
+    return response_logprobs(model, batch.inputs, batch.response_ids, batch.mask, batch.suppressed_ids,
+                             batch.temperature, hidden_states)
 
 
 @torch.no_grad()

@@ -4,18 +4,20 @@ uses.
 
     <output_dir>/<run_name>/
         metrics.jsonl        one strict-JSON object per line: step 0's eval, then one per step
-        checkpoint-<step>/   the latest checkpoint (--save-every): the policy (model/ or adapter/), optimizer.pt, state.pt
-        model/ or adapter/   the trained policy, saved at the end (or when the run is stopped)
+        checkpoint-<step>/   the latest checkpoint (--save-every): the policy (model/, adapter/), optimizer.pt, state.pt
+        model/ or adapter/   the trained policy, saved at the end (or when the run is stopped), atomically too
         <name>.pt            each entry of the script's extra state, saved at the end (PPO: value_head.pt)
 
 A checkpoint is written to checkpoint-<step>.tmp/ and then renamed, which is atomic: a run killed while writing
-one leaves the previous checkpoint whole. `--resume <run dir>` continues from the latest checkpoint, in the same
-directory, with the same flags, RNG states and optimizer state, so that the resumed run is the run that was not
-interrupted.
+one leaves the previous checkpoint whole; the trained policy's model/ (adapter/) is written the same way, after a
+checkpoint of the last step. `--resume <run dir>` continues from the latest checkpoint, in the same directory, with
+the same flags, RNG states and optimizer state, so that the resumed run is the run that was not interrupted; a run
+killed while saving its trained policy resumes to save it.
 """
 
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -23,7 +25,6 @@ import random
 import re
 import shutil
 import signal
-
 import time
 
 import torch
@@ -60,7 +61,8 @@ def start_run(args, checkpoint: str | None, state: dict | None, start_time: floa
     if checkpoint:
         run_dir, records = args.resume, truncate_metrics(args.resume, state["step"])
     else:
-        run_dir, records = new_run_dir(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"), []
+        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"
+        run_dir, records = new_run_dir(args.output_dir, run_name), []
         with open(os.path.join(run_dir, "args.json"), "w") as f:  # e.g. the --total-steps a finished run reaches
             json.dump(vars(args), f, indent=1)
     dist.broadcast((run_dir, records))
@@ -121,13 +123,28 @@ def save_policy(model, processor, out_dir: str, lora: bool, merge: bool = False)
     if state_dict is not None:  # a tied weight (lm_head = embeddings) is saved once, as save_pretrained does
         state_dict = {k: v for k, v in state_dict.items() if k not in getattr(model, "all_tied_weights_keys", {})}
     if lora:
-        model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=state_dict)
-        processor.save_pretrained(os.path.join(out_dir, "adapter"))
+        save_pretrained(model, processor, os.path.join(out_dir, "adapter"), state_dict)
         if not merge:
             return
         model, state_dict = model.merge_and_unload(), None
-    model.save_pretrained(os.path.join(out_dir, "model"), state_dict=state_dict)
-    processor.save_pretrained(os.path.join(out_dir, "model"))
+    save_pretrained(model, processor, os.path.join(out_dir, "model"), state_dict)
+
+
+def save_pretrained(model, processor, path: str, state_dict: dict | None):
+    """model and processor .save_pretrained(path), atomically: written to <path>.tmp, then renamed. A run killed
+    meanwhile leaves no half-written <path> (a 0-byte config.json that no loader reads)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+    model.save_pretrained(tmp, state_dict=state_dict)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)  # a resumed run's earlier save
+    os.rename(tmp, path)
+
+
+def saved_policy_dirs(run_dir: str, lora: bool, merge: bool) -> list[str]:
+    """The directories save_policy writes at the end of a run: model/, or adapter/ (and model/ with merge)."""
+    names = (["adapter"] + (["model"] if merge else [])) if lora else ["model"]
+    return [os.path.join(run_dir, name) for name in names]
 
 
 def rng_states() -> dict:
@@ -219,16 +236,29 @@ def resumed_args(args, defaults):
     if checkpoint is None:
         raise SystemExit(f"--resume {run_dir}: no checkpoint-<step> in it yet (one is saved every --save-every steps)")
     state = load_checkpoint_state(checkpoint)
-    saved = state["args"]
+    saved, script, this = state["args"], state.get("script"), script_name(args)
+    if (script or this) != this or set(saved) != set(vars(args)):  # another script's flags would not fit
+        started = f"algos/{script}" if script else "another script"
+        raise SystemExit(f"--resume {run_dir}: a run of {started}, not of {this}: resume it with the script that "
+                         "started it")
     changed = [k for k, v in vars(args).items() if k != "resume" and v != getattr(defaults, k) and v != saved[k]]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in changed)
         raise SystemExit(f"--resume continues {run_dir} with the flags it was started with: drop {flags}")
     if state.get("world_size", 1) != dist.world_size():
-        raise SystemExit(f"--resume {run_dir}: the run had {state.get('world_size', 1)} processes; resume it with as many (torchrun --nproc-per-node {state.get('world_size', 1)})")
-    if read_metrics(run_dir)[-1]["step"] >= saved["total_steps"]:
+        world = state.get("world_size", 1)
+        raise SystemExit(f"--resume {run_dir}: the run had {world} processes; resume it with as many "
+                         f"(torchrun --nproc-per-node {world})")
+    saved_policy = all(map(os.path.isdir, saved_policy_dirs(run_dir, saved["lora"], saved["lora_merge"])))
+    if read_metrics(run_dir)[-1]["step"] >= saved["total_steps"] and saved_policy:
         raise SystemExit(f"--resume {run_dir}: the run finished all its {saved['total_steps']} steps")
-    return type(args)(**{**saved, "resume": run_dir}), checkpoint, state
+    return type(args)(**{**saved, "resume": run_dir}), checkpoint, state  # a checkpoint of the last step: the save
+
+
+def script_name(args) -> str:
+    """The file name of the script whose Args `args` are (grpo_vlm.py), run as __main__ or imported."""
+    return os.path.basename(inspect.getfile(type(args)))
+
 
 class StopSignals:
     """Ctrl-C (SIGINT) and `kill` (SIGTERM, what job schedulers send before they kill a job) stop a run cleanly.
@@ -250,7 +280,8 @@ class StopSignals:
         if not self.in_loop or self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.log(f"{signal.Signals(signum).name}: stopping after this step (checkpoint and policy saved); again to stop now")
+        name = signal.Signals(signum).name
+        self.log(f"{name}: stopping after this step (checkpoint and policy saved); again to stop now")
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -275,7 +306,7 @@ class Run:
         self.checkpoint = self.state = None
         if args.resume is not None:  # the run's own flags, from its latest checkpoint
             args, self.checkpoint, self.state = resumed_args(args, type(args)())
-        self.args, self.dir, self.step, self.in_loop, self.stopping = args, None, 0, False, False
+        self.args, self.dir, self.step, self.in_loop, self.stopping, self.saving = args, None, 0, False, False, False
         self.start_time = time.time() - (self.state["time"] if self.checkpoint else 0)  # "time" continues over a resume
 
     def __enter__(self):
@@ -286,6 +317,8 @@ class Run:
         self.signals.restore()
         if kind is KeyboardInterrupt and not self.in_loop:
             raise SystemExit("interrupted before the first step: nothing was trained") from None
+        if kind is KeyboardInterrupt and self.saving and (latest_checkpoint(self.dir) or "").endswith(f"-{self.step}"):
+            raise SystemExit(f"stopped while saving the trained policy: --resume {self.dir} saves it") from None
         if kind is KeyboardInterrupt:  # a second Ctrl-C / kill: stopped now, without saving a half-finished step
             last = latest_checkpoint(self.dir)
             where = f"continue from {last} with --resume {self.dir}" if last else "no checkpoint was saved"
@@ -297,7 +330,8 @@ class Run:
         policy and optimizer ({"value_head": PPO's value head}: a module is kept as its full weights), a resumed run's
         is in run.state; each entry is saved at the end too, as <run>/<name>.pt."""
         self.model, self.processor, self.optimizer, self.evaluate = model, processor, optimizer, evaluate
-        self.reference_fingerprint, self.extra_state, self.task = reference_fingerprint, extra_state, get_task(self.args.task)
+        self.reference_fingerprint, self.extra_state = reference_fingerprint, extra_state
+        self.task = get_task(self.args.task)
         if self.checkpoint:
             load_optimizer(optimizer, self.checkpoint)
         self.dir, records, self.write, self.close = start_run(self.args, self.checkpoint, self.state, self.start_time)
@@ -324,15 +358,16 @@ class Run:
             if self.stopping:
                 break
 
-    def log(self, record: dict, batch, rank_shares: dict | None = None):
-        """Log one step: `record` (the same on every rank), `rank_shares` (this rank's share of each global mean:
-        summed over ranks here) and the charts of the rollout batch `batch` (common.policy.Rollouts: rewards, accuracy,
-        lengths, tool calls, equal-reward groups, over every rank's rows). Evaluates when due, then saves a checkpoint
-        when due or when a stop was asked for."""
+    def log(self, record: dict, batch, summed_over_ranks: dict | None = None):
+        """Log one step: `record` (the same on every rank), `summed_over_ranks` (this rank's part of each value, such as
+        its share of a global mean loss or its count of something: summed over the ranks here) and the charts of the
+        rollout batch `batch` (common.policy.Rollouts: rewards, accuracy, lengths, tool calls, equal-reward groups, over
+        every rank's rows). Evaluates when due, then saves a checkpoint when due or when a stop was asked for."""
         args, step_time = self.args, time.time() - self.step_start
-        rewards, lengths, tool_calls = dist.gather(batch.rewards), dist.gather(batch.mask.sum(1)), dist.gather(batch.tool_calls)
+        rewards, lengths = dist.gather(batch.rewards), dist.gather(batch.mask.sum(1))
+        tool_calls = dist.gather(batch.tool_calls)
         grouped = rewards.view(-1, batch.group_size)
-        shares = {k: dist.all_sum(v) for k, v in (rank_shares or {}).items()}
+        summed = {k: dist.all_sum(v) for k, v in (summed_over_ranks or {}).items()}
         record = {
             "step": self.step,
             "time": round(time.time() - self.start_time, 2),
@@ -344,18 +379,20 @@ class Run:
             "charts/zero_advantage_groups": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
             "charts/step_time": round(step_time, 3),
             "charts/tokens_per_second": lengths.sum().item() / step_time,
-            **shares,
+            **summed,
             **record,
         }
         if self.step % args.eval_every == 0 or self.step == args.total_steps:
             self.last_eval = self.evaluate()
             record.update(self.last_eval)
         self.write(record)
-        self.progress.set_postfix(reward=f"{record['charts/reward_mean']:.2f}", eval_acc=f"{self.last_eval['eval/accuracy']:.3f}")
+        reward, accuracy = record["charts/reward_mean"], self.last_eval["eval/accuracy"]
+        self.progress.set_postfix(reward=f"{reward:.2f}", eval_acc=f"{accuracy:.3f}")
         self.stopping = dist.all_max(int(self.signals.requested)) == 1 and self.step < args.total_steps
-        if (args.save_every and self.step % args.save_every == 0) or self.stopping:
-            state = {"args": vars(args), "reference_fingerprint": self.reference_fingerprint,
-                     "time": time.time() - self.start_time, **self.saved_extra_state()}  # fmt: skip
+        last = self.step == args.total_steps  # a checkpoint: a kill while the policy is saved loses no step
+        if (args.save_every and (self.step % args.save_every == 0 or last)) or self.stopping:
+            state = {"args": vars(args), "script": script_name(args), "time": time.time() - self.start_time,
+                     "reference_fingerprint": self.reference_fingerprint, **self.saved_extra_state()}  # fmt: skip
             save_checkpoint(self.dir, self.step, self.model, self.processor, self.optimizer, args.lora, state)
         if self.stopping:
             tqdm.write(f"interrupted at step {self.step}: checkpoint saved; continue with --resume {self.dir}")
@@ -368,11 +405,13 @@ class Run:
     def finish(self):
         """Save the trained policy (<run>/model, or <run>/adapter with --lora) and each entry of run.start's
         extra_state (<run>/<name>.pt: PPO's value_head.pt), close the logs, print the summary."""
-        save_policy(self.model, self.processor, self.dir, self.args.lora, self.args.lora_merge)
+        self.saving = True  # after the last step's checkpoint (--save-every > 0): a resumed run saves the policy
         extra = self.saved_extra_state()
-        if dist.rank() == 0:
+        if dist.rank() == 0:  # before the policy, whose directories say that the run finished (resumed_args)
             for name, value in extra.items():
-                torch.save(value, os.path.join(self.dir, f"{name}.pt"))
+                torch.save(value, os.path.join(self.dir, f"{name}.pt.tmp"))
+                os.replace(os.path.join(self.dir, f"{name}.pt.tmp"), os.path.join(self.dir, f"{name}.pt"))
+        save_policy(self.model, self.processor, self.dir, self.args.lora, self.args.lora_merge)
         self.close()
         change = ", ".join(f"{k} {self.first_eval[k]:.3f} → {self.last_eval[k]:.3f}" for k in self.first_eval)
         print(f"{change} in {time.time() - self.start_time:.0f}s; model and metrics in {self.dir}")

@@ -1,7 +1,7 @@
 """Run model-written Python (the MAT-Coding code tool) in a throwaway sandbox: bubblewrap plus resource limits.
 
     result = run_python("from PIL import Image; Image.open('input.png').rotate(90).save('output.png')",
-                        files={"input.png": png_bytes})
+                        files={"input.png": png_bytes}, returned=("output.png",))
     result.stdout, result.stderr, result.returncode, result.timed_out, result.files["output.png"]
 
 The code runs in a new process of this interpreter (PIL and numpy import), in a fresh work dir (`/sandbox`, holding
@@ -52,7 +52,7 @@ class SandboxResult:
     stderr: str
     returncode: int  # the code's exit status; 128 + N if signal N ended it (137 after a timeout)
     timed_out: bool
-    files: dict[str, bytes]  # regular files in the work dir that the code created or changed
+    files: dict[str, bytes]  # the `returned` files the code created or changed (regular files, within the caps)
 
 
 def _mounts(host_work_dir: str) -> list[str]:
@@ -115,11 +115,13 @@ def _read_capped(path: str, max_chars: int) -> str:
     return text
 
 
-def _written_files(work_dir: str, inputs: dict[str, bytes]) -> dict[str, bytes]:
-    """Regular files (up to MAX_FILE_BYTES) the code left in the work dir; symlinks are not followed, so a link to a
-    host file the trainer may read (/root/...) returns nothing."""
-    written = {}
-    for name in os.listdir(work_dir):
+def _returned_files(work_dir: str, names, inputs: dict[str, bytes]) -> dict[str, bytes]:
+    """The files `names` the code left in the work dir, if regular, changed and at most MAX_FILE_BYTES each. Only
+    these are read: the trainer's memory grows by len(names) x MAX_FILE_BYTES at most, whatever else the code writes
+    (sparse files cost it no disk). Symlinks are not followed, so a link to a host file the trainer may read
+    (/root/...) returns nothing."""
+    returned = {}
+    for name in names:
         try:
             fd = os.open(os.path.join(work_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
@@ -129,8 +131,8 @@ def _written_files(work_dir: str, inputs: dict[str, bytes]) -> dict[str, bytes]:
             if stat.S_ISREG(info.st_mode) and info.st_size <= MAX_FILE_BYTES:
                 content = f.read(MAX_FILE_BYTES)
                 if inputs.get(name) != content:
-                    written[name] = content
-    return written
+                    returned[name] = content
+    return returned
 
 
 def _kill(bwrap: subprocess.Popen) -> None:
@@ -145,9 +147,10 @@ def _kill(bwrap: subprocess.Popen) -> None:
         os.killpg(bwrap.pid, signal.SIGKILL)
 
 
-def run_python(code: str, files: dict[str, bytes] | None = None, timeout: float = 5.0,
-               memory_bytes: int = 512 << 20, max_output: int = 8192) -> SandboxResult:
-    """Run `code` in a fresh sandbox with `files` in its cwd; return its output, exit status and written files."""
+def run_python(code: str, files: dict[str, bytes] | None = None, timeout: float = 5.0, memory_bytes: int = 512 << 20,
+               max_output: int = 8192, returned: tuple[str, ...] = ()) -> SandboxResult:
+    """Run `code` in a fresh sandbox with `files` in its cwd; return its output, exit status and those of the files
+    named in `returned` that it wrote (nothing else it writes is read)."""
     if (reason := available()) is not None:
         raise RuntimeError(f"the code sandbox is unavailable: {reason}")
     files = files or {}
@@ -177,4 +180,4 @@ def run_python(code: str, files: dict[str, bytes] | None = None, timeout: float 
                     _kill(process)
             returncode = process.wait()
         return SandboxResult(_read_capped(paths[1], max_output), _read_capped(paths[2], max_output), returncode,
-                             timed_out, _written_files(work_dir, files))
+                             timed_out, _returned_files(work_dir, returned, files))

@@ -343,7 +343,7 @@ def mat_example(row, images_root: str, task: str) -> Example:
     if not os.path.isfile(path):
         raise SystemExit(f"MAT image {path} not found (row {row.get('id', '?')}): is {images_root} complete?")
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
     question = row.get("question") or mat_question(row["problem"])
     return Example(image, f"{question}\n{MAT_FORMAT[task]}", json.dumps([str(a) for a in answers], ensure_ascii=False))
 
@@ -482,7 +482,7 @@ def python_tool(argument: str, example) -> "str | Image.Image":
     code = re.sub(r"^\s*```(?:python)?\s*\n|\n\s*```\s*$", "", argument)  # a fenced block is fine too
     png = io.BytesIO()
     example.image.save(png, "PNG")
-    result = run_python(code, files={"input.png": png.getvalue()}, timeout=PYTHON_TIMEOUT)
+    result = run_python(code, files={"input.png": png.getvalue()}, timeout=PYTHON_TIMEOUT, returned=("output.png",))
     if result.timed_out:
         return f"error: the code ran past {PYTHON_TIMEOUT:g} s and was stopped"
     if "output.png" in result.files:
@@ -686,11 +686,32 @@ class Schema:
         return [self.example(row) for row in load_rows(dataset, split, n, self)]
 
 
+def split_names(names: list[str]) -> tuple[str, str | None]:
+    """(the split that trains, the split that evaluates) among a dataset's splits: 'train' (else the first split that
+    is not 'test') and 'test'. None evaluates on a held-out share of the training split: there is no 'test', or it is
+    the only split (never the training rows themselves)."""
+    train = "train" if "train" in names else next((n for n in names if n != "test"), names[0])
+    return train, "test" if "test" in names and train != "test" else None
+
+
+def empty_saved_splits(path: str) -> list[str]:
+    """The splits of a DatasetDict.save_to_disk folder saved without rows (their state.json lists no data files)."""
+    try:
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            splits = json.load(f)["splits"]
+        states = {}
+        for split in splits:
+            with open(os.path.join(path, split, "state.json")) as f:
+                states[split] = json.load(f)
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [split for split, state in states.items() if not state.get("_data_files")]
+
+
 def load_rows(dataset: str, split: str, n: int, schema: Schema):
-    """n rows of a real dataset in `schema`, their ground truth checked. Train rows come from its 'train' split (else
-    its first split); eval rows from its 'test' split if it has one. Without one, `train_test_split` holds out a
-    seeded HELD_OUT share of the training split: the same rows on every call, so no eval row is trained on,
-    whatever --train-size and --eval-size."""
+    """n rows of a real dataset in `schema`, their ground truth checked, from the split split_names picks (printed).
+    Without a separate eval split, `train_test_split` holds out a seeded HELD_OUT share of the training split: the
+    same rows on every call, so no eval row is trained on, whatever --train-size and --eval-size."""
     import datasets
 
     try:
@@ -700,25 +721,31 @@ def load_rows(dataset: str, split: str, n: int, schema: Schema):
         else:
             ds = datasets.load_dataset(dataset)
     except Exception as e:  # noqa: BLE001 - one line for people, not a traceback
+        for split in empty_saved_splits(dataset):  # datasets' load_from_disk fails on one with an IndexError
+            raise SystemExit(f"--dataset '{dataset}' split '{split}' has no rows: drop it from the DatasetDict") from None
         raise SystemExit(f"could not load --dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0]}")
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
-    name = "train" if "train" in ds else next(iter(ds))
+    name, eval_name = split_names(list(ds))
     missing = schema.columns - set(ds[name].column_names)
     if missing:
         raise SystemExit(
             f"--dataset '{dataset}' lacks columns {sorted(missing)}; this task needs {', '.join(sorted(schema.columns))} "
             f"(the {schema.reference} schema): rename them with datasets' rename_column"
         )
-    if split == "eval" and "test" in ds:  # not train_test_split: a dataset's own test split is the one results cite
-        name = "test"
+    if split == "eval" and eval_name:  # not train_test_split: a dataset's own test split is the one results cite
+        name = eval_name
+    if len(ds[name]) == 0:
+        raise SystemExit(f"--dataset '{dataset}' split '{name}' has no rows")
     rows = ds[name].add_column(ROW, list(range(len(ds[name]))))  # row numbers in the split, for the errors below
-    if "test" not in ds:
+    if eval_name is None:
         rows = rows.train_test_split(test_size=HELD_OUT, seed=0)["test" if split == "eval" else "train"]
     rows = rows.select(range(min(n, len(rows))))
+    share = "" if eval_name else f"a held-out {HELD_OUT:.0%} of " if split == "eval" else f"{1 - HELD_OUT:.0%} of "
+    print(f"--dataset {dataset}: {split} rows from {share}split '{name}' ({len(rows)} of {len(ds[name])})")
     # a bad answer found now stops the run before training, instead of crashing the reward at the first eval
     for row in rows.select_columns([schema.truth, ROW]):  # no images decoded
-        problem = schema.problem(row[schema.truth])
+        problem = "no ground truth (None)" if row[schema.truth] is None else schema.problem(row[schema.truth])
         if problem:
             where = f"--dataset '{dataset}' split '{name}' row {row[ROW]}"
             raise SystemExit(f"{where}: {problem}; fix or drop the row (datasets' filter)")
@@ -747,6 +774,16 @@ def coco_box_problem(box) -> str | None:
     return None
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a dataset image. PIL's convert("RGB") clips a 16-bit greyscale image (a PNG's I;16,
+    opened as I) at 255, which turns it almost all white; it is scaled to 8 bits here instead."""
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # 32-bit integers, the same values
+    if image.mode == "I" and image.getextrema()[1] > 255:  # 16-bit values: 0..65535 to 0..255
+        image = image.point(lambda v: v / 257, "L")
+    return image.convert("RGB")
+
+
 def problem_example(row, answer_format: str, marker: str) -> Example:
     """A row of the images/problem/answer schema (CLEVR-Count, Geometry3K); a question that does not ask for `marker`
     (its answer's format) gets `answer_format` after it."""
@@ -754,14 +791,14 @@ def problem_example(row, answer_format: str, marker: str) -> Example:
     question = row["problem"].replace("<image>", "").strip()
     if marker not in question:
         question = f"{question} {answer_format}"
-    return Example(images[0].convert("RGB"), question, str(row["answer"]).strip())
+    return Example(to_rgb(images[0]), question, str(row["answer"]).strip())
 
 
 def refcoco_example(row) -> Example:
     """A row of the lmms-lab/RefCOCO schema: the first referring expression; bbox is COCO [x, y, w, h]."""
     expressions = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
     x, y, w, h = row["bbox"]
-    image = row["image"].convert("RGB")
+    image = to_rgb(row["image"])
     answer = json.dumps({"box": [x, y, x + w, y + h], "image_size": list(image.size)})
     return Example(image, f"{GROUNDING_QUESTION.format(expressions[0].strip())} {BOX_FORMAT}", answer)
 

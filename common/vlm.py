@@ -12,6 +12,7 @@ import os
 
 import huggingface_hub.constants
 import torch
+import torch.nn.functional as F
 import transformers
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -250,7 +251,7 @@ def response_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (~after_eos).float()
 
 
-def select(inputs, indices):
+def take_rows(inputs, indices):
     """Rows `indices` of a processor batch, images included. The image layouts:
     - Qwen-VL: pixel_values (patches of all images, D) + image_grid_thw (images, 3): each image's block of patch rows
       is gathered by its grid; a row has one image, or `images_per_row` of them (an agentic episode's tool images,
@@ -271,6 +272,36 @@ def select(inputs, indices):
     return out
 
 
+def cat_inputs(first, second, pad_token_id: int):
+    """One processor batch of two: the rows of `first`, then those of `second`, as if processed together (`take_rows`'s
+    image layouts). Per-token keys (input_ids, attention_mask, mm_token_type_ids, ...) are left-padded to the wider
+    width, input_ids with `pad_token_id` and the others with 0; Qwen-VL's patches and grids are concatenated in row
+    order (`images_per_row` 1 for a batch without it); Idefics3's crops are zero-padded to the most crops."""
+    qwen, idefics = "image_grid_thw" in first, "pixel_attention_mask" in first
+    if qwen and ("images_per_row" in first or "images_per_row" in second):
+        first, second = ({"images_per_row": torch.ones(len(b["input_ids"]), dtype=torch.long), **b} for b in (first, second))
+    width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+
+    def pad(x, dim1: int, left: bool, value=0):  # x's dim 1 to dim1 entries
+        extra = dim1 - x.shape[1]
+        return F.pad(x, (0, 0) * (x.dim() - 2) + ((extra, 0) if left else (0, extra)), value=value)
+
+    out = {}
+    for key, a in first.items():
+        b = second[key]
+        if qwen and key in ("pixel_values", "image_grid_thw", "images_per_row"):
+            out[key] = torch.cat([a, b])  # one entry per image (per row for images_per_row)
+        elif idefics and key in ("pixel_values", "pixel_attention_mask"):  # (B, crops, ...)
+            crops = max(a.shape[1], b.shape[1])
+            out[key] = torch.cat([pad(a, crops, left=False), pad(b, crops, left=False)])
+        elif not key.startswith("pixel") and a.dim() >= 2:  # per token, as the prompts: left-padded
+            value = pad_token_id if key == "input_ids" else 0
+            out[key] = torch.cat([pad(a, width, left=True, value=value), pad(b, width, left=True, value=value)])
+        else:
+            out[key] = torch.cat([a, b])  # one entry per row (Gemma 3-like pixel_values (B, C, H, W))
+    return out
+
+
 def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temperature: float = 1.0, hidden_states: bool = False):
     """log π(response token | image, prompt, earlier tokens) for every response position, in one forward pass
     over prompt + response. prompts: (B, P) left-padded batch with image inputs; response_ids, mask: (B, T).
@@ -279,7 +310,7 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     give log π(response token t), for a value head (algos/ppo_vlm.py); read from the LM head's input, so only
     those T positions are kept, whatever the family."""
     inputs = dict(prompts)
-    tool_images = inputs.pop("images_per_row", None) is not None  # select's, not the model's: an agentic batch
+    tool_images = inputs.pop("images_per_row", None) is not None  # take_rows's, not the model's: an agentic batch
     inputs["input_ids"] = torch.cat([prompts["input_ids"], response_ids], dim=1)
     # attended: every response token up to the last one trained on; in an agentic episode that includes the tool's
     # turns (mask 0: read, not trained on), in a one-turn response it is the mask itself

@@ -9,7 +9,7 @@ import torch
 
 from common import tasks
 from common.agent import MAX_TOOL_TEXT, add_tool_turn, call_tool, episode_batch, parse_tool_call, run_episodes, start_episodes, tool_turn_text
-from common.policy import Rollouts, batch_logprobs
+from common.policy import Rollouts, Sampler, batch_logprobs
 from common.vlm import build_prompts, response_logprobs, suppressed_token_ids
 from conftest import TOOL_CALL
 
@@ -148,6 +148,42 @@ def test_batched_episode_logprobs_equal_each_episode_scored_alone(tiny_vlm, forc
     torch.testing.assert_close(batch_logprobs(model, batch[[3, 1]]), batched[[3, 1]], atol=1e-5, rtol=0)
 
 
+def test_dynamic_samplings_refill_moves_an_episode_group_with_its_tool_images(tiny_vlm, force_tool_call):
+    # DAPO's refill (common.policy.Sampler.refill): slot 1 of `batch` takes group 1 of `new` (groups of G = 2), each
+    # episode with its tool image; every row then scores as it did in its own batch
+    model, processor = tiny_vlm
+    force_tool_call(processor)
+
+    def episodes(first, max_new_tokens, answer_at_once=()):  # 4 episodes of training examples first, first + 1, ...
+        examples = tasks.load_task("zoom", "train", 8)[first : first + 4]
+        prompts = build_prompts(processor, [e.image for e in examples], [e.question for e in examples], 512)
+        episodes = run_episodes(model, None, processor, prompts, examples, 1, max_new_tokens, 1.0, False, TOOLS, 2)
+        for row in answer_at_once:  # one image only
+            episodes[row] = start_episodes(processor, prompts, examples, 1)[row]
+            episodes[row].add(processor.tokenizer("<answer>3</answer>" + processor.tokenizer.eos_token, add_special_tokens=False)["input_ids"], True)
+        inputs, response_ids, mask = episode_batch(prompts, episodes, processor.tokenizer.eos_token_id)
+        tool_calls = torch.tensor([float(e.tool_calls) for e in episodes])
+        batch = Rollouts(inputs, response_ids, mask, [e.answer for e in episodes], examples, tool_calls, 2, suppressed_token_ids(processor), 1.0)
+        batch.rewards = torch.arange(float(first), first + 4.0)
+        return batch
+
+    torch.manual_seed(0)
+    batch, new = episodes(0, max_new_tokens=6, answer_at_once=[2]), episodes(4, max_new_tokens=3, answer_at_once=[1])
+    assert batch.response_ids.shape[1] != new.response_ids.shape[1]
+    sampler = Sampler(model, processor, None, TOOLS, "cpu", 6, 512, 1.0, 3, "all")
+    refilled = sampler.refill(batch, [1], new, torch.tensor([False, True]))
+    assert refilled.rewards.tolist() == [0.0, 1.0, 6.0, 7.0] and refilled.tool_calls.tolist() == [1, 1, 1, 1]
+    assert refilled.examples == batch.examples[:2] + new.examples[2:]
+    assert refilled.inputs["images_per_row"].tolist() == [2, 2, 2, 2]
+    scored = batch_logprobs(model, refilled)
+    for rows, source in ((slice(0, 2), batch), (slice(2, 4), new)):
+        alone = batch_logprobs(model, source)[rows]
+        width = alone.shape[1]
+        torch.testing.assert_close(scored[rows, :width], alone, atol=1e-5, rtol=0)
+        assert (scored[rows, width:] == 0).all()
+    assert sampler.refill(batch, [1], new, torch.tensor([False, False])) is batch  # no informative group: unchanged
+
+
 def test_a_tool_error_is_a_turn_the_model_reads_and_a_flood_is_cut(tiny_vlm):
     _, processor = tiny_vlm
     example = tasks.load_task("zoom", "train", 1)[0]
@@ -162,14 +198,13 @@ def test_a_tool_error_is_a_turn_the_model_reads_and_a_flood_is_cut(tiny_vlm):
 
 def test_every_script_runs_one_agentic_step_that_trains_on_its_episodes(script, tiny_model_dir, tmp_path, one_thread, force_tool_call):
     """One zoom step in-process, first turns forced to a tool call, rewards alternating 0, 1 (every group varies):
-    each episode calls the tool once, its tool turn comes back in the log's length, and the update is finite. (DAPO's
-    dynamic sampling refills one-turn groups only: it runs with --max-resample-rounds 0.)"""
+    each episode calls the tool once, its tool turn comes back in the log's length, and the update is finite."""
     from test_scripts import LOSSES, run_in_process
 
     from common.vlm import load_processor
 
     force_tool_call(load_processor(tiny_model_dir))
-    flags = ["--task", "zoom", "--total-steps", "1", "--max-turns", "2", *script.optional("--max-resample-rounds", "0")]
+    flags = ["--task", "zoom", "--total-steps", "1", "--max-turns", "2"]
     records, _ = run_in_process(script, tiny_model_dir, tmp_path, *flags)
     step = records[1]
     assert step["charts/tool_calls"] == 1.0, step

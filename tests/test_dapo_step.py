@@ -152,7 +152,7 @@ DAPO_BAD_FLAGS = {
     "clip-eps=0": (["--clip-eps", "0"], "--clip-eps 0.0: "),
     "clip-eps-high=0": (["--clip-eps-high", "0"], "--clip-eps-high 0.0: "),
     "overlong-buffer=2": (["--overlong-buffer", "2"], "--overlong-buffer 2.0: "),
-    "agentic-dynamic-sampling": (["--task", "zoom"], "--task zoom is agentic: add --max-resample-rounds 0"),
+    "max-resample-rounds=-1": (["--max-resample-rounds", "-1"], "--max-resample-rounds -1: "),
 }
 
 

@@ -6,9 +6,10 @@ adapter) for `from_pretrained`. Also the pieces of common/dist.py that need no p
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -135,9 +136,9 @@ def test_fsdp_saved_model_and_adapter_reload_with_from_pretrained(steps, tiny_mo
     assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained, loaded
 
 
-def test_shard_and_split_map_without_torchrun():
-    assert dist.world_size() == 1 and dist.shard([1, 2, 3]) == [1, 2, 3]
-    assert dist.split_map(lambda part: [x * 2 for x in part], [1, 2, 3]) == [2, 4, 6]
+def test_for_this_rank_and_map_over_ranks_without_torchrun():
+    assert dist.world_size() == 1 and dist.for_this_rank([1, 2, 3]) == [1, 2, 3]
+    assert dist.map_over_ranks(lambda part: [x * 2 for x in part], [1, 2, 3]) == [2, 4, 6]
     assert dist.even_rows([4, 5]) == ([4, 5], 0) and dist.all_sum(3) == 3
 
 
@@ -153,19 +154,24 @@ def test_check_args_refuses_what_cannot_split(script, monkeypatch):
 
 
 def test_fsdp_resume_continues_the_run_exactly(repo_root, tiny_model_dir, tmp_path):
-    """A 3-step run under FSDP2 checkpointed at step 2 (each rank's optimizer shard, every rank's RNG state), resumed
-    from there: its step 3 gives the uninterrupted run's weights, bitwise."""
+    """A 3-step run under FSDP2 SIGKILLed after its step-2 checkpoint (each rank's optimizer shard, every rank's RNG
+    state), resumed from there: its step 3 gives the uninterrupted run's weights, bitwise."""
     flags = ["algos/grpo_vlm.py", "--model", tiny_model_dir, "--total-steps", "3", "--save-every", "2", "--eval-size", "2",
-             "--prompts-per-step", "4", "--group-size", "4", "--output-dir", str(tmp_path)]  # fmt: skip
-    run(repo_root, *TORCHRUN, *flags)
-    run_dir = next(tmp_path.iterdir())
+             "--prompts-per-step", "4", "--group-size", "4", "--output-dir"]  # fmt: skip
+    run(repo_root, *TORCHRUN, *flags, str(tmp_path / "straight"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*TORCHRUN, *flags, str(tmp_path / "killed")], cwd=repo_root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("killed/*/checkpoint-2")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # during step 3: torchrun and both ranks, nothing runs on the way out
+    process.wait()
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    assert not (run_dir / "model").exists() and (run_dir / "checkpoint-2").is_dir(), "killed too late"
     assert {"optimizer-rank0.pt", "optimizer-rank1.pt"} <= set(os.listdir(run_dir / "checkpoint-2"))
-    finished = weights(run_dir, "model")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if killed during step 3
-    shutil.rmtree(run_dir / "model")
     run(repo_root, *TORCHRUN, "algos/grpo_vlm.py", "--resume", str(run_dir))
-    resumed = weights(run_dir, "model")
+    finished, resumed = weights(next((tmp_path / "straight").iterdir()), "model"), weights(run_dir, "model")
     assert all(torch.equal(finished[k], resumed[k]) for k in finished)
 
 

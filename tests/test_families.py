@@ -19,14 +19,15 @@ from common.families import FAMILIES, build
 from common.vlm import (
     box_convention,
     build_prompts,
+    cat_inputs,
     load_processor,
     load_vlm,
     model_input_size,
     response_logprobs,
     response_mask,
-    select,
     stop_token_id,
     suppressed_token_ids,
+    take_rows,
 )
 
 END_OF_TURN = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
@@ -142,10 +143,23 @@ def test_select_swapping_rows_equals_building_the_batch_swapped(loaded):
     images = noise_images(IMAGE_SIZES[:2])
     batch = build_prompts(processor, images, QUESTIONS[:2], 512)
     swapped = build_prompts(processor, images[::-1], QUESTIONS[:2][::-1], 512)
-    out = select(batch, [1, 0])
+    out = take_rows(batch, [1, 0])
     assert set(out) == set(swapped)
     for key in swapped:
         assert torch.equal(out[key], swapped[key]), key
+
+
+def test_cat_inputs_of_two_batches_equals_the_batch_processed_together(loaded):
+    # different image sizes and prompt lengths: Qwen-VL's patch grids, Idefics3's crop counts and left padding differ
+    _, _, processor = loaded
+    images = noise_images(IMAGE_SIZES)
+    together = build_prompts(processor, images, QUESTIONS, 512)
+    first, second = (build_prompts(processor, images[r], QUESTIONS[r], 512) for r in (slice(2, 3), slice(0, 2)))
+    out = cat_inputs(first, second, processor.tokenizer.pad_token_id)
+    reordered = take_rows(together, [2, 0, 1])
+    assert set(out) == set(reordered)
+    for key in reordered:
+        assert torch.equal(out[key], reordered[key]), key
 
 
 def test_select_keeps_each_rows_images_in_batch_first_layouts():
@@ -153,12 +167,12 @@ def test_select_keeps_each_rows_images_in_batch_first_layouts():
     # sample's images are tagged with its row number, so a mix-up shows.
     crops = torch.arange(3.0).view(3, 1, 1, 1, 1).expand(3, 2, 3, 4, 4)
     inputs = {"input_ids": torch.tensor([[1], [2], [3]]), "pixel_values": crops, "pixel_attention_mask": crops[:, :, 0] > 0}
-    out = select(inputs, [2, 0, 2])
+    out = take_rows(inputs, [2, 0, 2])
     assert out["input_ids"].flatten().tolist() == [3, 1, 3]
     assert out["pixel_values"][:, :, 0, 0, 0].tolist() == [[2, 2], [0, 0], [2, 2]]
     assert out["pixel_attention_mask"][:, :, 0, 0].tolist() == [[True, True], [False, False], [True, True]]
     single = {"input_ids": torch.tensor([[1], [2]]), "pixel_values": torch.arange(2.0).view(2, 1, 1, 1).expand(2, 3, 4, 4)}
-    assert select(single, [1, 1, 0])["pixel_values"][:, 0, 0, 0].tolist() == [1, 1, 0]
+    assert take_rows(single, [1, 1, 0])["pixel_values"][:, 0, 0, 0].tolist() == [1, 1, 0]
 
 
 def test_modality_type_ids_are_extended_over_the_response_as_text():
@@ -207,7 +221,7 @@ def test_training_logprobs_equal_the_sampling_distribution_of_generate(loaded, s
     mask = response_mask(responses, eos)
     sampled = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        trained = response_logprobs(model, select(prompts, [0] * G + [1] * G), responses, mask, suppressed)
+        trained = response_logprobs(model, take_rows(prompts, [0] * G + [1] * G), responses, mask, suppressed)
     on = mask.bool()
     assert on.sum() > 2 * G  # several tokens per response are compared
     torch.testing.assert_close(trained[on], sampled[on], atol=1e-5, rtol=0)

@@ -9,12 +9,14 @@ The tests at the end drive common.runs.Run directly, as a script's loop does: it
 
 import itertools
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import tyro
+from conftest import REPO_ROOT, load_script
 from safetensors.torch import load_file
 
 import common.tasks
@@ -119,6 +121,41 @@ def test_resume_refuses_a_changed_flag_and_a_finished_run(grpo, tiny_model_dir, 
         run_main(grpo, tiny_model_dir, resumed[0].parent, "--resume", str(resumed[0]), "--lr", "0.5")
 
 
+def test_a_run_killed_while_saving_its_policy_resumes_to_save_it(grpo, tiny_model_dir, straight, tmp_path, flags):
+    # a SIGKILL in the final save once left model/config.json at 0 bytes: README's reload failed and --resume refused
+    # the "finished" run. Now the last step is checkpointed (though --save-every 4 is not due) and model/ is renamed
+    # into place whole, so the kill leaves only model.tmp/, and the resumed run saves the policy without a step more
+    save_pretrained = runs.save_pretrained
+
+    def dying(model, processor, path, state_dict):
+        if "checkpoint-" not in path:  # the final save
+            os.makedirs(path + ".tmp")
+            open(os.path.join(path + ".tmp", "config.json"), "w").close()
+            raise Killed
+        save_pretrained(model, processor, path, state_dict)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(runs, "save_pretrained", dying)
+        run_main(grpo, tiny_model_dir, tmp_path, "--total-steps", "6", "--save-every", "4", *flags)
+    (run_dir,) = tmp_path.iterdir()
+    policy = run_dir / POLICY[flags]
+    assert not policy.parent.exists() and runs.latest_checkpoint(str(run_dir)).endswith("checkpoint-6")
+    run_main(grpo, tiny_model_dir, tmp_path, "--resume", str(run_dir))
+    assert [r["step"] for r in strict_records(run_dir)] == list(range(7))
+    weights = load_file(policy)
+    for name, tensor in straight[1].items():
+        torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=0, msg=name)
+    with pytest.raises(SystemExit, match="finished all its 6 steps"):
+        run_main(grpo, tiny_model_dir, tmp_path, "--resume", str(run_dir))
+
+
+def test_resume_refuses_another_scripts_run(straight):
+    # once a TypeError about an unexpected keyword argument (rloo_vlm.py --resume <a GRPO run>)
+    rloo = load_script(REPO_ROOT / "algos" / "rloo_vlm.py")
+    with pytest.raises(SystemExit, match=r"a run of algos/grpo_vlm\.py, not of rloo_vlm\.py: resume it with the script"):
+        rloo.main(tyro.cli(rloo.Args, args=["--resume", str(straight[0])]))
+
+
 def test_resume_refuses_a_reference_model_other_than_the_runs(grpo, tiny_model_dir, tmp_path, one_thread):
     with pytest.raises(Killed):
         run_main(grpo, tiny_model_dir, tmp_path, "--total-steps", "4", "--save-every", "2", kill_at_step=3)
@@ -187,14 +224,14 @@ def drive(grpo, tiny_vlm, out, *flags, stop_at=None, before_loop=False, extra_st
         if before_loop:
             raise KeyboardInterrupt
         for step in run.steps():
-            run.log({"losses/grad_norm": 1.0}, stand_in_batch(), rank_shares={"losses/loss": step / 10})
+            run.log({"losses/grad_norm": 1.0}, stand_in_batch(), summed_over_ranks={"losses/loss": step / 10})
             if step == stop_at:
                 raise KeyboardInterrupt
         run.finish()
     return run
 
 
-def test_run_logs_the_shared_charts_the_record_and_the_rank_shares(grpo, tiny_vlm, tmp_path):
+def test_run_logs_the_shared_charts_the_record_and_the_values_summed_over_ranks(grpo, tiny_vlm, tmp_path):
     run = drive(grpo, tiny_vlm, tmp_path, "--total-steps", "2", "--save-every", "0")
     first, step1, step2 = strict_records(Path(run.dir))
     assert first["step"] == 0 and first["eval/accuracy"] == 0.5
@@ -223,6 +260,24 @@ def test_a_second_ctrl_c_in_the_loop_stops_at_once_and_says_where_to_resume_from
     assert not (run_dir / "model").exists()  # a half-finished step is never saved as the policy
     with pytest.raises(SystemExit, match="^stopped during step 1: no checkpoint was saved$"):
         drive(grpo, tiny_vlm, tmp_path / "b", "--total-steps", "4", "--save-every", "2", stop_at=1)
+
+
+def test_a_second_ctrl_c_while_the_policy_is_saved_says_that_resume_saves_it(grpo, tiny_vlm, tmp_path, monkeypatch):
+    save_policy = runs.save_policy
+
+    def interrupted(model, processor, out_dir, *args):
+        if "checkpoint-" not in out_dir:  # the final save
+            raise KeyboardInterrupt
+        save_policy(model, processor, out_dir, *args)
+
+    monkeypatch.setattr(runs, "save_policy", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        drive(grpo, tiny_vlm, tmp_path, "--total-steps", "3", "--save-every", "2")
+    (run_dir,) = tmp_path.iterdir()
+    assert str(exited.value) == f"stopped while saving the trained policy: --resume {run_dir} saves it"
+    monkeypatch.setattr(runs, "save_policy", save_policy)
+    drive(grpo, tiny_vlm, tmp_path, "--resume", str(run_dir))
+    assert load_vlm(str(run_dir / "model"))[0].config.model_type == "qwen2_vl"
 
 
 def test_a_ctrl_c_before_the_first_step_says_nothing_was_trained(grpo, tiny_vlm, tmp_path):

@@ -6,11 +6,13 @@ import json
 import os
 import resource
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
 from common.sandbox import MAX_PROCESSES, SANDBOX_UID, available, run_python
@@ -51,7 +53,7 @@ image = Image.open("input.png")
 print(image.size, image.getpixel((0, 0)))
 image.rotate(90, expand=True).save("output.png")
 """
-    result = run_python(code, files={"input.png": png.getvalue()})
+    result = run_python(code, files={"input.png": png.getvalue()}, returned=("output.png", "input.png"))
     assert (result.returncode, result.timed_out, result.stderr) == (0, False, "")
     assert result.stdout == "(4, 3) (255, 0, 0)\n"
     assert set(result.files) == {"output.png"}  # the unchanged input is not sent back
@@ -150,8 +152,22 @@ def test_filesystem_is_read_only_private_and_removed(monkeypatch, tmp_path):
 
 
 def test_a_symlink_left_in_the_work_dir_does_not_read_a_host_file():
-    result = run_python(f"import os; os.symlink({os.path.abspath(__file__)!r}, 'output.txt')")
+    result = run_python(f"import os; os.symlink({os.path.abspath(__file__)!r}, 'output.txt')", returned=("output.txt",))
     assert result.returncode == 0 and result.files == {}
+
+
+def test_only_the_returned_files_are_read_so_written_files_cannot_fill_the_trainers_memory(tmp_path):
+    # 40 sparse files at the per-file cap (almost no disk) and an output.png: reading every written file, as the tool
+    # once did, took 640 MiB into the calling process (2,000 files OOM-killed a 24 GB trainer); it reads output.png
+    code = "for i in range(40):\n    open(f'f{i}', 'wb').truncate(16 << 20)\nopen('output.png', 'wb').write(b'png')"
+    caller = (f"import resource, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from common.sandbox import run_python\n"
+              "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              f"before = peak(); result = run_python({code!r}, returned=('output.png',))\n"
+              "print(sorted(result.files), result.files['output.png'], peak() - before)")
+    out = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    files, content, growth_kib = out.stdout.rsplit(" ", 2) if out.returncode == 0 else (out.stderr, "", "0")
+    assert files == "['output.png']" and content == "b'png'", out.stdout + out.stderr
+    assert int(growth_kib) < 64 << 10, growth_kib  # the peak RSS grows by KiB; reading the files would add 640 MiB
 
 
 @pytest.mark.parametrize("code, returncode", [("import sys; sys.exit(3)", 3), ("import os; os._exit(0)", 0),

@@ -354,8 +354,8 @@ def test_the_shared_blocks_are_found_and_a_changed_line_in_one_is_seen(tmp_path)
 
 # The template diet (issue 21): GRPO's script is short enough to read once, and a copy of it differs in its heart only
 DIFF_LINES = {"ppo_vlm": 220}  # `diff algos/grpo_vlm.py algos/<x>.py | grep -c '^[<>]'` at most; any other script: 80
-TORCHRUN_HELPERS = {"all_sum", "all_mean", "all_max", "gather", "gather_objects", "shard", "even_rows", "split_map",
-                    "world_size", "rank", "accumulate", "broadcast", "barrier", "rank0_first"}  # common/dist.py's  # fmt: skip
+TORCHRUN_HELPERS = {"all_sum", "all_max", "gather", "gather_objects", "for_this_rank", "even_rows", "map_over_ranks",
+                    "world_size", "rank", "sync_gradients_on_last", "broadcast", "barrier", "rank0_first"}  # common/dist.py's  # fmt: skip
 
 
 def test_the_template_is_at_most_300_lines():

@@ -3,12 +3,14 @@ in the schemas of BUAADreamer/clevr_count_70k, hiyouga/geometry3k and lmms-lab/R
 
 import ast
 import collections
+import io
 import json
 import math
 import re
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -269,6 +271,59 @@ def test_real_dataset_without_test_split_holds_out_a_tenth_that_is_never_trained
     assert len(held_out) == 3 and sorted(train + held_out, key=int) == [str(i) for i in range(30)]  # 10%, disjoint
     assert load("eval", 2) == held_out[:2] and load("train", 5) == train[:5]  # the same rows whatever the sizes
     assert held_out != ["27", "28", "29"]  # drawn from the whole split, not its end (a sorted dataset's end differs)
+
+
+def test_a_dataset_without_a_train_split_never_evaluates_on_the_rows_it_trains_on(tmp_path, capsys):
+    # the hub's RefCOCO parquet folder has val, test, testA, testB; a DatasetDict whose first split is test once
+    # trained on test and evaluated on test, the same rows
+    datasets.DatasetDict({"test": clevr_like(4, first=10), "val": clevr_like(5, first=20)}).save_to_disk(str(tmp_path / "a"))
+    check_rows(tasks.load_task("counting", "train", 2, dataset=str(tmp_path / "a")), ["20", "21"])
+    check_rows(tasks.load_task("counting", "eval", 2, dataset=str(tmp_path / "a")), ["10", "11"])
+    printed = capsys.readouterr().out
+    assert "train rows from split 'val' (2 of 5)" in printed and "eval rows from split 'test' (2 of 4)" in printed
+    datasets.DatasetDict({"test": clevr_like(30)}).save_to_disk(str(tmp_path / "b"))  # one split: a share held out
+    trained = {e.answer for e in tasks.load_task("counting", "train", 30, dataset=str(tmp_path / "b"))}
+    held_out = {e.answer for e in tasks.load_task("counting", "eval", 30, dataset=str(tmp_path / "b"))}
+    assert len(trained) == 27 and len(held_out) == 3 and not trained & held_out
+    assert "eval rows from a held-out 10% of split 'test' (3 of 30)" in capsys.readouterr().out
+
+
+def test_too_few_rows_end_the_run_with_one_line_before_training_and_a_small_eval_split_is_named(tmp_path, capsys):
+    # once: "Sample larger than population" at step 1, an IndexError, and eval on 1 row of --eval-size 8 without a word
+    from common.policy import load_data
+
+    def load(rows, check_rows=2, eval_size=8):
+        path = str(tmp_path / f"ds{len(list(tmp_path.iterdir()))}")
+        datasets.DatasetDict(rows).save_to_disk(path)
+        return load_data("counting", path, 100, eval_size, "tiny", None, None, 512, check_rows=check_rows)
+
+    with pytest.raises(SystemExit, match=r"has 2 training rows, fewer than --prompts-per-step 4: lower"):
+        load({"train": clevr_like(2), "test": clevr_like(5, first=10)}, check_rows=4)
+    with pytest.raises(SystemExit, match=r"split 'test' has no rows: drop it"):
+        load({"train": clevr_like(4), "test": clevr_like(0)})
+    train, held_out = load({"train": clevr_like(4), "test": clevr_like(5, first=10)})
+    assert (len(train), len(held_out)) == (4, 5)
+    assert "has 5 held-out rows (--eval-size 8): eval/ metrics move in steps of 1/5" in capsys.readouterr().out
+
+
+def test_a_16_bit_image_keeps_its_greys_and_a_missing_answer_is_named(tmp_path):
+    # once: a 16-bit greyscale PNG (I;16) became 99.5 % white through convert("RGB"); a None answer became "None"
+    greys = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0..65472
+    png = io.BytesIO()
+    Image.fromarray(greys).save(png, "PNG")
+    rows = clevr_like(2).to_dict()
+    rows["images"] = [[{"bytes": png.getvalue(), "path": None}]] * 2
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=FEATURES)}).save_to_disk(str(tmp_path / "a"))
+    (example,) = tasks.load_task("counting", "train", 1, dataset=str(tmp_path / "a"))
+    pixels = np.asarray(example.image)
+    assert pixels.shape == (32, 32, 3) and (pixels == 255).mean() < 0.01
+    assert abs(int(pixels[-1, -1, 0]) - greys[-1, -1] / 257) <= 1 and pixels[0, 0, 0] == 0
+    rows = clevr_like(3).to_dict()
+    rows["answer"][1] = None
+    rows = datasets.Dataset.from_dict(rows, features=FEATURES)
+    datasets.DatasetDict({"train": rows, "test": clevr_like(1)}).save_to_disk(str(tmp_path / "b"))  # rows in order
+    with pytest.raises(SystemExit, match=r"row 1: no ground truth \(None\); fix or drop the row"):
+        tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("column", ["images", "problem", "answer"])

@@ -11,13 +11,14 @@ from common import tasks
 from common.tiny_vlm import TINY
 from common.vlm import (
     build_prompts,
+    cat_inputs,
     generate,
     load_processor,
     load_vlm,
     response_logprobs,
     response_mask,
-    select,
     suppressed_token_ids,
+    take_rows,
 )
 
 # different lengths → different amounts of left padding in one batch
@@ -113,7 +114,7 @@ def test_select_gathers_each_rows_image_block():
         "pixel_values": torch.cat([torch.full((4, 3), 0.0), torch.full((16, 3), 1.0)]),
         "image_grid_thw": torch.tensor([[1, 2, 2], [1, 4, 4]]),
     }
-    out = select(inputs, [1, 0, 1])
+    out = take_rows(inputs, [1, 0, 1])
     assert torch.equal(out["input_ids"], torch.tensor([[3, 4], [1, 2], [3, 4]]))
     assert torch.equal(out["attention_mask"], torch.tensor([[1, 1], [0, 1], [1, 1]]))
     expected_pixels = torch.cat([torch.full((16, 3), 1.0), torch.full((4, 3), 0.0), torch.full((16, 3), 1.0)])
@@ -126,10 +127,35 @@ def test_select_swapping_rows_equals_building_the_batch_swapped(tiny_vlm):
     images = [e.image for e in tasks.load_task("counting", "eval", 2)]
     batch = build_prompts(processor, images, QUESTIONS[:2], 512)
     swapped = build_prompts(processor, images[::-1], QUESTIONS[:2][::-1], 512)
-    out = select(batch, [1, 0])
+    out = take_rows(batch, [1, 0])
     assert not torch.equal(batch["pixel_values"], swapped["pixel_values"])  # the images differ
     for key in swapped:
         assert torch.equal(out[key], swapped[key]), key
+
+
+def test_cat_inputs_keeps_each_rows_images_when_one_batch_has_several_per_row():
+    # (each family's processor batches, concatenated: tests/test_families.py)
+    # an agentic batch (row 0: 2 images, row 1: 1) and a one-turn batch (1 image per row, no images_per_row)
+    episodes = {
+        "input_ids": torch.tensor([[7, 8], [9, 9]]),
+        "attention_mask": torch.tensor([[1, 1], [1, 1]]),
+        "pixel_values": torch.cat([torch.full((4, 3), 0.0), torch.full((4, 3), 1.0), torch.full((16, 3), 2.0)]),
+        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 2], [1, 4, 4]]),
+        "images_per_row": torch.tensor([2, 1]),
+    }
+    one_turn = {
+        "input_ids": torch.tensor([[5, 6, 7]]),
+        "attention_mask": torch.tensor([[1, 1, 1]]),
+        "pixel_values": torch.full((4, 3), 3.0),
+        "image_grid_thw": torch.tensor([[1, 2, 2]]),
+    }
+    out = cat_inputs(one_turn, episodes, pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 7, 8], [0, 9, 9]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1], [0, 1, 1]]
+    assert out["images_per_row"].tolist() == [1, 2, 1]
+    for row, tags in enumerate([[3.0], [0.0, 1.0], [2.0]]):  # take_rows reads each row's images back
+        picked = take_rows(out, [row])
+        assert picked["pixel_values"][:, 0].unique_consecutive().tolist() == tags, row
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +237,7 @@ def test_training_logprobs_equal_the_sampling_distribution_of_generate(tiny_vlm,
     assert (scores[..., suppressed] == float("-inf")).all()
     sampled = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        trained = response_logprobs(model, select(prompts, [0] * G + [1] * G), responses, mask, suppressed, temperature)
+        trained = response_logprobs(model, take_rows(prompts, [0] * G + [1] * G), responses, mask, suppressed, temperature)
     on = mask.bool()
     assert torch.allclose(trained[on], sampled[on], atol=1e-4)
 
