@@ -6,11 +6,11 @@ adapter) for `from_pretrained`. Also the pieces of common/dist.py that need no p
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -161,11 +161,12 @@ def test_fsdp_resume_continues_the_run_exactly(repo_root, tiny_model_dir, tmp_pa
     run(repo_root, *TORCHRUN, *flags, str(tmp_path / "straight"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([*TORCHRUN, *flags, str(tmp_path / "killed")], cwd=repo_root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
     while not list(tmp_path.glob("killed/*/checkpoint-2")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # during step 3: torchrun and both ranks, nothing runs on the way out
+    for proc in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        proc.kill()  # SIGKILL, during step 3: both ranks (in sessions of their own) and torchrun
     process.wait()
     (run_dir,) = (tmp_path / "killed").iterdir()
     assert not (run_dir / "model").exists() and (run_dir / "checkpoint-2").is_dir(), "killed too late"
