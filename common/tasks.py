@@ -694,6 +694,36 @@ def split_names(names: list[str]) -> tuple[str, str | None]:
     return train, "test" if "test" in names and train != "test" else None
 
 
+FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def open_dataset(dataset: str):
+    """--dataset as datasets opens it: a save_to_disk folder (load_from_disk), one data file (its builder, as
+    load_dataset("parquet", data_files=...)), or a folder or hub id (load_dataset). A hub id that load_dataset cannot
+    reach (offline: HF_HUB_OFFLINE=1) loads from the snapshot `hf download --repo-type dataset` left in the Hugging
+    Face cache, as a model does: load_dataset itself reads only its own cache of datasets it prepared before."""
+    import datasets
+    import huggingface_hub
+
+    saved = ("dataset_dict.json", "state.json")  # written by DatasetDict / Dataset .save_to_disk
+    if os.path.isdir(dataset) and any(os.path.exists(os.path.join(dataset, f)) for f in saved):
+        return datasets.load_from_disk(dataset)
+    if os.path.isfile(dataset) and os.path.splitext(dataset)[1] in FILE_BUILDERS:
+        return datasets.load_dataset(FILE_BUILDERS[os.path.splitext(dataset)[1]], data_files=dataset)
+    try:
+        return datasets.load_dataset(dataset)
+    except Exception:
+        if os.path.exists(dataset):
+            raise
+        try:  # a hub id: offline, the snapshot a download left in the Hugging Face cache
+            snapshot = huggingface_hub.snapshot_download(dataset, repo_type="dataset", local_files_only=True)
+        except Exception:  # noqa: BLE001 - not there either: load_dataset's own error says more
+            snapshot = None
+        if snapshot is None:
+            raise
+        return datasets.load_dataset(snapshot)
+
+
 def empty_saved_splits(path: str) -> list[str]:
     """The splits of a DatasetDict.save_to_disk folder saved without rows (their state.json lists no data files)."""
     try:
@@ -715,11 +745,7 @@ def load_rows(dataset: str, split: str, n: int, schema: Schema):
     import datasets
 
     try:
-        saved = ("dataset_dict.json", "state.json")  # written by DatasetDict / Dataset .save_to_disk
-        if os.path.isdir(dataset) and any(os.path.exists(os.path.join(dataset, f)) for f in saved):
-            ds = datasets.load_from_disk(dataset)
-        else:
-            ds = datasets.load_dataset(dataset)
+        ds = open_dataset(dataset)
     except Exception as e:  # noqa: BLE001 - one line for people, not a traceback
         for split in empty_saved_splits(dataset):  # datasets' load_from_disk fails on one with an IndexError
             raise SystemExit(f"--dataset '{dataset}' split '{split}' has no rows: drop it from the DatasetDict") from None

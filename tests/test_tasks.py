@@ -6,12 +6,16 @@ import collections
 import io
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
 from common import tasks
@@ -324,6 +328,27 @@ def test_a_16_bit_image_keeps_its_greys_and_a_missing_answer_is_named(tmp_path):
     datasets.DatasetDict({"train": rows, "test": clevr_like(1)}).save_to_disk(str(tmp_path / "b"))  # rows in order
     with pytest.raises(SystemExit, match=r"row 1: no ground truth \(None\); fix or drop the row"):
         tasks.load_task("counting", "train", 3, dataset=str(tmp_path / "b"))
+
+
+def test_a_hub_id_loads_offline_from_the_hf_cache_and_so_does_one_parquet_file(tmp_path):
+    # once: "ConnectionError ... OfflineModeIsEnabled" for a dataset hub id whose snapshot is in HF_HOME (a model's
+    # loads), and "Couldn't find any data file" for one parquet file given as --dataset
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "datasets--org--clevr"
+    (repo / "snapshots" / revision / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    parquet = repo / "snapshots" / revision / "data" / "train-00000-of-00001.parquet"
+    clevr_like(5).to_parquet(str(parquet))
+    code = (f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from common import tasks\n"
+            "print([e.answer for e in tasks.load_task('counting', 'train', 3, dataset=sys.argv[1])])")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}  # a cache that holds nothing prepared
+    for dataset in ("org/clevr", str(parquet)):
+        out = subprocess.run([sys.executable, "-c", code, dataset], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        answers = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+        assert len(answers) == 3 and set(answers) <= {str(i) for i in range(5)}, (dataset, answers)
 
 
 @pytest.mark.parametrize("column", ["images", "problem", "answer"])
