@@ -49,10 +49,18 @@ SPLIT_SEED_OFFSET = {"train": 0, "warmstart": 1_000_000_000, "eval": 2_000_000_0
 
 @dataclass
 class Example:
-    image: Image.Image
+    source: "Image.Image | bytes"  # the image, or its encoded file (a real dataset's row: decoded only when used)
     question: str  # the text after the image in the user turn
     answer: str  # ground truth, compared by the reward function
     seed: int | None = None  # synthetic examples: the scene's seed (`draw_scene(seed)` redraws it)
+
+    @property
+    def image(self) -> Image.Image:
+        """The image, 8-bit RGB: 20,000 decoded CLEVR rows would hold 11.5 GiB, their files 1/20 of that."""
+        if isinstance(self.source, Image.Image):
+            return self.source
+        with Image.open(io.BytesIO(self.source)) as image:
+            return to_rgb(image)
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -680,10 +688,12 @@ class Schema:
     reference: str  # the dataset the schema was written for, named when a column is missing
     truth: str  # the column of the ground truth, checked on every row before training
     problem: Callable  # (that column's value) -> what is wrong with it for the task's reward, or None
-    example: Callable  # (row) -> Example
+    example: Callable  # (row, its image's encoded file) -> Example
+    image: str  # the column of the image (or of a list of images: the first is the prompt's)
+    text: str  # the column of the question (or of a list of referring expressions: the first is used)
 
     def load(self, split: str, n: int, dataset: str) -> list[Example]:
-        return [self.example(row) for row in load_rows(dataset, split, n, self)]
+        return [self.example(row, image) for row, image in load_rows(dataset, split, n, self)]
 
 
 def split_names(names: list[str]) -> tuple[str, str | None]:
@@ -769,13 +779,52 @@ def load_rows(dataset: str, split: str, n: int, schema: Schema):
     rows = rows.select(range(min(n, len(rows))))
     share = "" if eval_name else f"a held-out {HELD_OUT:.0%} of " if split == "eval" else f"{1 - HELD_OUT:.0%} of "
     print(f"--dataset {dataset}: {split} rows from {share}split '{name}' ({len(rows)} of {len(ds[name])})")
-    # a bad answer found now stops the run before training, instead of crashing the reward at the first eval
-    for row in rows.select_columns([schema.truth, ROW]):  # no images decoded
-        problem = "no ground truth (None)" if row[schema.truth] is None else schema.problem(row[schema.truth])
-        if problem:
-            where = f"--dataset '{dataset}' split '{name}' row {row[ROW]}"
-            raise SystemExit(f"{where}: {problem}; fix or drop the row (datasets' filter)")
-    return rows
+    # every row used is checked now, images by their headers (not decoded): a bad one stops the run before training
+    # with one line, instead of a traceback at the step that first draws it
+    checked = []
+    for start in range(0, len(rows), 1000):  # the arrow rows: images as their encoded files
+        for row in rows.select(range(start, min(start + 1000, len(rows)))).with_format("arrow")[:].to_pylist():
+            truth = row[schema.truth]
+            image, problem = image_file(row[schema.image])
+            problem = problem or text_problem(row[schema.text])
+            problem = problem or ("no ground truth (None)" if truth is None else schema.problem(truth))
+            if problem:
+                where = f"--dataset '{dataset}' split '{name}' row {row[ROW]}"
+                raise SystemExit(f"{where}: {problem}; fix or drop the row (datasets' filter)")
+            checked.append((row, image))
+    return checked
+
+
+def image_file(value) -> tuple[bytes | None, str | None]:
+    """(the encoded file of a row's image, None), or (None, what is wrong with it). `value`: datasets' undecoded
+    Image ({"bytes", "path"}), or a list of them (the first is the prompt's)."""
+    if isinstance(value, list):
+        if not value:
+            return None, "no image (an empty list)"
+        value = value[0]
+    if not value or not (value.get("bytes") or value.get("path")):
+        return None, "no image (None)"
+    try:
+        data = value["bytes"]
+        if data is None:
+            with open(value["path"], "rb") as f:
+                data = f.read()
+        with Image.open(io.BytesIO(data)) as image:
+            w, h = image.size
+            image.verify()  # the whole file is read and checked (PNG: every chunk's CRC), not decoded
+    except Exception as e:  # noqa: BLE001 - corrupt bytes, a truncated file, a missing path
+        return None, f"an image that does not open ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return None, f"a {w}x{h} image: Qwen-VL's processor refuses an aspect ratio over {MAX_ASPECT}"
+    return data, None
+
+
+def text_problem(value) -> str | None:
+    """What is wrong with a row's question (or list of referring expressions), or None."""
+    texts = value if isinstance(value, list) else [value]
+    if not texts or not isinstance(texts[0], str) or not texts[0].strip():
+        return f"no question text ({value!r})"
+    return None
 
 
 def count_problem(answer) -> str | None:
@@ -810,30 +859,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def problem_example(row, answer_format: str, marker: str) -> Example:
-    """A row of the images/problem/answer schema (CLEVR-Count, Geometry3K); a question that does not ask for `marker`
-    (its answer's format) gets `answer_format` after it."""
-    images = row["images"] if isinstance(row["images"], list) else [row["images"]]
+def problem_example(row, image: bytes, answer_format: str, marker: str) -> Example:
+    """A row of the images/problem/answer schema (CLEVR-Count, Geometry3K) and its first image's file; a question
+    that does not ask for `marker` (its answer's format) gets `answer_format` after it."""
     question = row["problem"].replace("<image>", "").strip()
     if marker not in question:
         question = f"{question} {answer_format}"
-    return Example(to_rgb(images[0]), question, str(row["answer"]).strip())
+    return Example(image, question, str(row["answer"]).strip())
 
 
-def refcoco_example(row) -> Example:
-    """A row of the lmms-lab/RefCOCO schema: the first referring expression; bbox is COCO [x, y, w, h]."""
+def refcoco_example(row, image: bytes) -> Example:
+    """A row of the lmms-lab/RefCOCO schema and its image's file: the first referring expression; bbox is COCO
+    [x, y, w, h]."""
     expressions = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
     x, y, w, h = row["bbox"]
-    image = to_rgb(row["image"])
-    answer = json.dumps({"box": [x, y, x + w, y + h], "image_size": list(image.size)})
+    with Image.open(io.BytesIO(image)) as header:  # the size, without decoding
+        size = list(header.size)
+    answer = json.dumps({"box": [x, y, x + w, y + h], "image_size": size})
     return Example(image, f"{GROUNDING_QUESTION.format(expressions[0].strip())} {BOX_FORMAT}", answer)
 
 
 CLEVR_COUNT = Schema(frozenset({"images", "problem", "answer"}), "BUAADreamer/clevr_count_70k", "answer", count_problem,
-                     functools.partial(problem_example, answer_format=ANSWER_FORMAT, marker="<answer>"))  # fmt: skip
+                     functools.partial(problem_example, answer_format=ANSWER_FORMAT, marker="<answer>"), "images",
+                     "problem")  # fmt: skip
 GEOMETRY3K = Schema(frozenset({"images", "problem", "answer"}), "hiyouga/geometry3k", "answer", math_problem,
-                    functools.partial(problem_example, answer_format=BOXED_FORMAT, marker="\\boxed"))  # fmt: skip
-REFCOCO = Schema(frozenset({"image", "answer", "bbox"}), "lmms-lab/RefCOCO", "bbox", coco_box_problem, refcoco_example)
+                    functools.partial(problem_example, answer_format=BOXED_FORMAT, marker="\\boxed"), "images",
+                    "problem")  # fmt: skip
+REFCOCO = Schema(frozenset({"image", "answer", "bbox"}), "lmms-lab/RefCOCO", "bbox", coco_box_problem, refcoco_example,
+                 "image", "answer")
 
 
 # ---------------------------------------------------------------------------------------------- the tasks

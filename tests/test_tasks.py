@@ -351,6 +351,50 @@ def test_a_hub_id_loads_offline_from_the_hf_cache_and_so_does_one_parquet_file(t
         assert len(answers) == 3 and set(answers) <= {str(i) for i in range(5)}, (dataset, answers)
 
 
+def png_bytes(size=(32, 32)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, SOLID[0]).save(out, "PNG")
+    return out.getvalue()
+
+
+BAD_ROWS = {  # column: a bad value, what the line says (once each was a traceback mid-run, or none at all)
+    "corrupt-bytes": ("images", [{"bytes": b"not an image", "path": None}], "an image that does not open"),
+    "truncated-png": ("images", [{"bytes": png_bytes()[:-30], "path": None}], "an image that does not open"),
+    "no-image": ("images", [None], "no image (None)"),
+    "empty-image-list": ("images", [], "no image (an empty list)"),
+    "thin-image": ("images", [{"bytes": png_bytes((800, 3)), "path": None}], "a 800x3 image"),
+    "no-question": ("problem", None, "no question text (None)"),
+}
+
+
+@pytest.mark.parametrize("column, value, message", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_every_row_used_is_checked_before_training_and_a_bad_one_is_named(tmp_path, column, value, message):
+    rows = clevr_like(24).to_dict()
+    rows[column][20] = value  # row 20: past the first --prompts-per-step rows, all that were checked once
+    rows = datasets.Dataset.from_dict(rows, features=FEATURES)
+    datasets.DatasetDict({"train": rows, "test": clevr_like(2)}).save_to_disk(str(tmp_path / "ds"))  # rows in order
+    with pytest.raises(SystemExit, match=rf"split 'train' row 20: {re.escape(message)}.*; fix or drop the row"):
+        tasks.load_task("counting", "train", 24, dataset=str(tmp_path / "ds"))
+
+
+def test_a_refcoco_row_without_referring_expressions_is_named(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "answer": datasets.Sequence(datasets.Value("string")),
+                                  "bbox": datasets.Sequence(datasets.Value("float32"))})  # fmt: skip
+    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 2, "answer": [["the cat"], []],
+                                       "bbox": [[1, 2, 3, 4]] * 2}, features=features)  # fmt: skip
+    datasets.DatasetDict({"val": rows, "test": rows}).save_to_disk(str(tmp_path / "refcoco"))
+    with pytest.raises(SystemExit, match=r"split 'val' row 1: no question text \(\[\]\)"):
+        tasks.load_task("grounding", "train", 2, dataset=str(tmp_path / "refcoco"))
+
+
+def test_a_real_datasets_images_stay_encoded_until_used(tmp_path):
+    # decoded at load, 20,000 CLEVR rows (--train-size's default) held 11.5 GiB per process
+    datasets.DatasetDict({"train": clevr_like(4), "test": clevr_like(2)}).save_to_disk(str(tmp_path / "ds"))
+    examples = tasks.load_task("counting", "train", 4, dataset=str(tmp_path / "ds"))
+    assert all(isinstance(e.source, bytes) and len(e.source) < 1000 for e in examples)  # a 32x32 PNG's file
+    assert examples[0].image.size == (32, 32) and examples[0].image.getpixel((5, 5)) == SOLID[0]
+
+
 @pytest.mark.parametrize("column", ["images", "problem", "answer"])
 def test_real_dataset_lacking_a_column_exits_naming_it(tmp_path, column):
     datasets.DatasetDict({"train": clevr_like(3).remove_columns(column)}).save_to_disk(str(tmp_path / "dd"))
