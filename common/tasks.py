@@ -687,7 +687,7 @@ class Schema:
     columns: frozenset  # the columns a row needs
     reference: str  # the dataset the schema was written for, named when a column is missing
     truth: str  # the column of the ground truth, checked on every row before training
-    problem: Callable  # (that column's value) -> what is wrong with it for the task's reward, or None
+    problem: Callable  # (that column's value, the image's (w, h)) -> what is wrong with it for the reward, or None
     example: Callable  # (row, its image's encoded file) -> Example
     image: str  # the column of the image (or of a list of images: the first is the prompt's)
     text: str  # the column of the question (or of a list of referring expressions: the first is used)
@@ -786,9 +786,9 @@ def load_rows(dataset: str, split: str, n: int, schema: Schema):
     for start in range(0, len(rows), 1000):  # the arrow rows: images as their encoded files
         for row in rows.select(range(start, min(start + 1000, len(rows)))).with_format("arrow")[:].to_pylist():
             truth = row[schema.truth]
-            image, problem = image_file(row[schema.image])
+            image, size, problem = image_file(row[schema.image])
             problem = problem or text_problem(row[schema.text])
-            problem = problem or ("no ground truth (None)" if truth is None else schema.problem(truth))
+            problem = problem or ("no ground truth (None)" if truth is None else schema.problem(truth, size))
             if problem:
                 where = f"--dataset '{dataset}' split '{name}' row {row[ROW]}"
                 raise SystemExit(f"{where}: {problem}; fix or drop the row (datasets' filter)")
@@ -796,15 +796,15 @@ def load_rows(dataset: str, split: str, n: int, schema: Schema):
     return checked
 
 
-def image_file(value) -> tuple[bytes | None, str | None]:
-    """(the encoded file of a row's image, None), or (None, what is wrong with it). `value`: datasets' undecoded
-    Image ({"bytes", "path"}), or a list of them (the first is the prompt's)."""
+def image_file(value) -> tuple[bytes | None, tuple | None, str | None]:
+    """(the encoded file of a row's image, its (w, h), None), or (None, None, what is wrong with it). `value`:
+    datasets' undecoded Image ({"bytes", "path"}), or a list of them (the first is the prompt's)."""
     if isinstance(value, list):
         if not value:
-            return None, "no image (an empty list)"
+            return None, None, "no image (an empty list)"
         value = value[0]
     if not value or not (value.get("bytes") or value.get("path")):
-        return None, "no image (None)"
+        return None, None, "no image (None)"
     try:
         data = value["bytes"]
         if data is None:
@@ -814,10 +814,11 @@ def image_file(value) -> tuple[bytes | None, str | None]:
             w, h = image.size
             image.verify()  # the whole file is read and checked (PNG: every chunk's CRC), not decoded
     except Exception as e:  # noqa: BLE001 - corrupt bytes, a truncated file, a missing path
-        return None, f"an image that does not open ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        why = str(e).splitlines()[0] if str(e) else ""
+        return None, None, f"an image that does not open ({type(e).__name__}: {why})"
     if max(w, h) > MAX_ASPECT * min(w, h):
-        return None, f"a {w}x{h} image: Qwen-VL's processor refuses an aspect ratio over {MAX_ASPECT}"
-    return data, None
+        return None, None, f"a {w}x{h} image: Qwen-VL's processor refuses an aspect ratio over {MAX_ASPECT}"
+    return data, (w, h), None
 
 
 def text_problem(value) -> str | None:
@@ -828,12 +829,12 @@ def text_problem(value) -> str | None:
     return None
 
 
-def count_problem(answer) -> str | None:
+def count_problem(answer, size=None) -> str | None:
     answer = str(answer).strip()  # as problem_example stores it
     return None if re.fullmatch(r"[0-9]+", answer) else f"answer '{answer}' is not a whole number like '3'"
 
 
-def math_problem(answer) -> str | None:
+def math_problem(answer, size=None) -> str | None:
     from math_verify import parse  # imported here: it loads sympy, only math needs it
 
     answer = str(answer).strip()
@@ -843,10 +844,13 @@ def math_problem(answer) -> str | None:
     return None
 
 
-def coco_box_problem(box) -> str | None:
+def coco_box_problem(box, size: tuple) -> str | None:
     numbers = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
     if not (numbers and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
         return f"bbox {box!r} is not 4 finite numbers [x, y, w, h] (COCO) with w > 0 and h > 0"
+    (x, y, w, h), (width, height) = box, size
+    if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:  # a pixel of rounding allowed
+        return f"bbox {list(box)} reaches outside the {width}x{height} image (its IoU would always be 0)"
     return None
 
 

@@ -377,13 +377,17 @@ def test_every_row_used_is_checked_before_training_and_a_bad_one_is_named(tmp_pa
         tasks.load_task("counting", "train", 24, dataset=str(tmp_path / "ds"))
 
 
-def test_a_refcoco_row_without_referring_expressions_is_named(tmp_path):
+@pytest.mark.parametrize("expressions, box, message", [
+    ([], [1, 2, 3, 4], r"no question text \(\[\]\)"),
+    (["the cat"], [20, 2, 14, 4], r"bbox \[20.0, 2.0, 14.0, 4.0\] reaches outside the 32x32 image"),  # x + w = 34 > 32 + 1
+])  # fmt: skip
+def test_a_refcoco_row_without_referring_expressions_or_with_a_box_outside_its_image_is_named(tmp_path, expressions, box, message):
     features = datasets.Features({"image": datasets.Image(), "answer": datasets.Sequence(datasets.Value("string")),
                                   "bbox": datasets.Sequence(datasets.Value("float32"))})  # fmt: skip
-    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 2, "answer": [["the cat"], []],
-                                       "bbox": [[1, 2, 3, 4]] * 2}, features=features)  # fmt: skip
+    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 2, "answer": [["the cat"], expressions],
+                                       "bbox": [[1, 2, 31, 30], box]}, features=features)  # fmt: skip
     datasets.DatasetDict({"val": rows, "test": rows}).save_to_disk(str(tmp_path / "refcoco"))
-    with pytest.raises(SystemExit, match=r"split 'val' row 1: no question text \(\[\]\)"):
+    with pytest.raises(SystemExit, match=rf"split 'val' row 1: {message}"):
         tasks.load_task("grounding", "train", 2, dataset=str(tmp_path / "refcoco"))
 
 
