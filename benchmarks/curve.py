@@ -1,5 +1,5 @@
-"""A learning curve from a run's metrics.jsonl: held-out eval/accuracy (and eval/iou when the task logs it) on the
-left, the sampled responses' charts/reward_mean on the right, both against the step.
+"""A learning curve from a run's metrics.jsonl: held-out eval/accuracy (and eval/iou or eval/f1 when the task logs
+it) on the left, the sampled responses' charts/reward_mean on the right, both against the step.
 
     python benchmarks/curve.py runs/<run_name>/metrics.jsonl --out docs/counting_curve.png
 
@@ -39,7 +39,8 @@ def running_mean(values: list[float], window: int) -> list[float]:
 def main(args: Args):
     path = Path(args.metrics)
     records = read_metrics(path.parent)
-    eval_keys = [k for k in ("eval/accuracy", "eval/iou") if any(k in r for r in records)]
+    logged = {k for r in records for k in r if k.startswith("eval/")}  # accuracy, and a task's metric (iou, f1)
+    eval_keys = [k for k in ("eval/accuracy", *sorted(logged - {"eval/accuracy"})) if k in logged]
     if not eval_keys:
         raise SystemExit(f"{path} has no eval/accuracy: is it a metrics.jsonl of an algos/ script?")
 

@@ -43,8 +43,9 @@ def test_learn_exits_non_zero_when_the_run_fails(repo_root, tmp_path):
     assert "→" not in result.stdout
 
 
-def write_metrics(path, with_iou: bool):
-    """A run of 4 steps, evaluated at steps 0, 2 and 4; step 3's reward was not finite (logged as null)."""
+def write_metrics(path, with_iou: bool, metric: str = "eval/iou"):
+    """A run of 4 steps, evaluated at steps 0, 2 and 4; step 3's reward was not finite (logged as null); with_iou:
+    also `metric` (a task's mean reward: eval/iou, eval/f1)."""
     records = [{"step": 0, "eval/accuracy": 0.3, "time": 1.0}]
     for step in range(1, 5):
         records.append({"step": step, "charts/reward_mean": None if step == 3 else 0.1 * step})
@@ -53,7 +54,7 @@ def write_metrics(path, with_iou: bool):
     if with_iou:
         for record in records:
             if "eval/accuracy" in record:
-                record["eval/iou"] = record["eval/accuracy"] / 2
+                record[metric] = record["eval/accuracy"] / 2
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -65,17 +66,17 @@ def test_learn_summarises_each_eval_key_first_to_last(repo_root, tmp_path):
     assert learn.eval_summary(tmp_path / "metrics.jsonl") == "eval/accuracy 0.300 → 0.700, eval/iou 0.150 → 0.350"
 
 
-@pytest.mark.parametrize("with_iou", [False, True], ids=["counting", "grounding"])
-def test_curve_writes_a_png_of_the_eval_metrics_and_the_reward(repo_root, tmp_path, with_iou):
+@pytest.mark.parametrize("metric", [None, "eval/iou", "eval/f1"], ids=["counting", "grounding", "mat"])
+def test_curve_writes_a_png_of_the_eval_metrics_and_the_reward(repo_root, tmp_path, metric):
     pytest.importorskip("matplotlib", reason="curve.py needs matplotlib, a benchmark-only requirement "
                         "(requirements-bench.txt) that CI, which installs requirements.txt, does not have")  # fmt: skip
     metrics, out = tmp_path / "run" / "metrics.jsonl", tmp_path / "plots" / "curve.png"
     metrics.parent.mkdir()
-    write_metrics(metrics, with_iou)
+    write_metrics(metrics, metric is not None, metric)
     result = run(repo_root, tmp_path, "benchmarks/curve.py", str(metrics), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    plotted = "eval/accuracy (3 points), " + ("eval/iou (3 points), " if with_iou else "") + "charts/reward_mean (3 points)"
+    plotted = "eval/accuracy (3 points), " + (f"{metric} (3 points), " if metric else "") + "charts/reward_mean (3 points)"
     assert result.stdout.strip() == f"{out}: {plotted}"
 
 
