@@ -78,14 +78,17 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: float) -> t
     return ((max_tokens - cache - lengths) / cache).clamp(-1, 0) if cache else torch.zeros_like(lengths)
 
 
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to +-20 (verl's bound): exp of a drifted token's would overflow to inf
+
+
 def dapo_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, clip_eps_high: float):
     """DAPO's clipped surrogate (eq. 8), no KL term, negated for minimisation:
-        rho   = exp(logp - old_logp)                                per token
+        rho   = exp(clamp(logp - old_logp, +-20))                   per token
         surr  = min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A)      clip-higher: eps_high > eps
         loss  = -(1 / sum_i |y_i|) sum_i sum_t surr                 token-level: every token counts once
     the log-probs and mask: (N, T); advantages: (N,), one per sequence.
     Returns (loss, its losses/* metrics)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     adv = advantages.unsqueeze(1)  # (N, 1): the sequence's advantage on each of its tokens
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps_high) * adv)
     loss = -masked_mean(surrogate, mask)

@@ -68,18 +68,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     return (centred / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
 
 
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to +-20 (verl's bound): exp of a drifted token's would overflow to inf
+
+
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: float, beta: float):
     """GRPO's clipped surrogate with a KL penalty (DeepSeekMath eq. 3-4), negated for minimisation:
-        rho   = exp(logp - old_logp)                                per token
+        rho   = exp(clamp(logp - old_logp, +-20))                   per token
         surr  = min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)
-        kl    = exp(ref_logp - logp) - (ref_logp - logp) - 1        (k3: >= 0, unbiased; Schulman 2020)
+        kl    = exp(d) - d - 1,  d = clamp(ref_logp - logp, +-20)   (k3: >= 0, unbiased; Schulman 2020)
         loss  = -mean_i [ (1/|y_i|) sum_t (surr - beta * kl) ]      a mean per response, then over responses
     the log-probs and mask: (N, T); advantages: (N,), one per sequence.
     Returns (loss, its losses/* metrics)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     adv = advantages.unsqueeze(1)  # (N, 1): the sequence's advantage on each of its tokens
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    log_ref_ratio = ref_logprobs - logprobs
+    log_ref_ratio = (ref_logprobs - logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
     loss = -masked_mean(surrogate - beta * kl, mask, dim=1).mean()
     clipped = ((ratio - 1).abs() > clip_eps).float()

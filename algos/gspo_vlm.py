@@ -68,13 +68,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     return (centred / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
 
 
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to +-20 (verl's bound): exp of a drifted token's would overflow to inf
+
+
 def gspo_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float):
     """GSPO's clipped sequence-level surrogate (Zheng et al. 2025, arXiv 2507.18071, eq. 5), negated for minimisation:
         s_i  = (pi(y_i) / pi_old(y_i))^(1/|y_i|) = exp( (1/|y_i|) sum_t (logp - old_logp) )   one ratio per response
         loss = -mean_i min(s_i * A_i, clip(s_i, 1 - eps_low, 1 + eps_high) * A_i)               no KL term
     the log-probs and mask: (N, T); advantages: (N,), one per sequence.
     Returns (loss, its losses/* metrics)."""
-    seq_ratio = torch.exp(masked_mean(logprobs - old_logprobs, mask, dim=1))  # (N,): geometric mean of token ratios
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=1).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    seq_ratio = torch.exp(seq_log_ratio)  # (N,): the geometric mean of the token ratios
     clipped_ratio = torch.clamp(seq_ratio, 1 - clip_eps_low, 1 + clip_eps_high)
     loss = -torch.min(seq_ratio * advantages, clipped_ratio * advantages).mean()
     # clipfrac: the responses the clip holds, s_i past the bound that A_i pushes it towards

@@ -63,14 +63,17 @@ def opo_advantages(rewards: torch.Tensor, lengths: torch.Tensor, group_size: int
     return ((differences * weights.unsqueeze(1)).sum(2) / weights.sum(1, keepdim=True).clamp(min=1)).view(-1)
 
 
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to +-20 (verl's bound): exp of a drifted token's would overflow to inf
+
+
 def opo_loss(logprobs, old_logprobs, advantages, mask):
     """OPO's policy gradient, negated, every response token weighted alike (verl's token-mean, the paper's recipe):
-        loss = -sum_i sum_t A_i rho_it / sum_i |y_i|,  rho = exp(logp - old_logp) = 1 (strictly on-policy)
+        loss = -sum_i sum_t A_i rho_it / sum_i |y_i|,  rho = exp(clamp(logp - old_logp, +-20)) = 1 (on-policy)
     Its gradient, -sum_i A_i grad log pi(y_i) / sum_i |y_i|, is the paper's estimator: a response's gradient norm
     grows with |y_i|, as the baseline assumes. No KL, nothing clipped.
     the log-probs and mask: (N, T); advantages: (N,), one per sequence.
     Returns (loss, its losses/* metrics)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     adv = advantages.unsqueeze(1)  # (N, 1): the sequence's advantage on each of its tokens
     loss = -masked_mean(ratio * adv, mask)  # dim None: over all tokens of all responses
     entropy = -masked_mean(logprobs.detach(), mask)  # -log p of the sampled tokens, a token mean as the loss

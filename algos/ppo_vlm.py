@@ -100,13 +100,17 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, g
     return advantages, (advantages + values) * mask
 
 
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to +-20 (verl's bound): exp of a drifted token's would overflow to inf
+
+
 def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
     """PPO's clipped surrogate (arXiv 1707.06347, eq. 7): token mean of -min(rho A, clip(rho, 1 +- eps) A), detached
     clip fraction, approx KL(old || new) (k3: (rho - 1) - log rho, as cleanrl logs it)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    ratio = torch.exp(log_ratio)
     surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    approx_kl = masked_mean((ratio - 1) - (logprobs - old_logprobs), mask)
+    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
     return -masked_mean(surrogate, mask), masked_mean(clipped, mask).detach(), approx_kl.detach()
 
 

@@ -68,6 +68,9 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others_mean).view(-1)
 
 
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to +-20 (verl's bound): exp of a drifted token's would overflow to inf
+
+
 def rloo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: float, beta: float):
     """REINFORCE with the leave-one-out advantage, as a clipped surrogate with a k3 KL penalty (GRPO's form): with
     one update per rollout rho = 1 and its gradient is the paper's A_i grad log pi, averaged per token. The KL sits
@@ -79,10 +82,10 @@ def rloo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: 
         loss  = -mean_i [ (1/|y_i|) sum_t (surr - beta * kl) ]      a mean per response, then over responses
     the log-probs and mask: (N, T); advantages: (N,), one per sequence.
     Returns (loss, its losses/* metrics)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     adv = advantages.unsqueeze(1)  # (N, 1): the sequence's advantage on each of its tokens
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    log_ref_ratio = ref_logprobs - logprobs
+    log_ref_ratio = (ref_logprobs - logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
     loss = -masked_mean(surrogate - beta * kl, mask, dim=1).mean()
     clipped = ((ratio - 1).abs() > clip_eps).float()
