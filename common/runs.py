@@ -317,7 +317,7 @@ class Run:
         self.signals.restore()
         if kind is KeyboardInterrupt and not self.in_loop:
             raise SystemExit("interrupted before the first step: nothing was trained") from None
-        if kind is KeyboardInterrupt and self.saving and (latest_checkpoint(self.dir) or "").endswith(f"-{self.step}"):
+        if kind is KeyboardInterrupt and self.saving and (latest_checkpoint(self.dir) or "").endswith(f"checkpoint-{self.step}"):
             raise SystemExit(f"stopped while saving the trained policy: --resume {self.dir} saves it") from None
         if kind is KeyboardInterrupt:  # a second Ctrl-C / kill: stopped now, without saving a half-finished step
             last = latest_checkpoint(self.dir)
