@@ -1,4 +1,4 @@
-"""torchrun: one training step of every script under `torchrun --nproc-per-node 2` (gloo, CPU), with FSDP2 and DDP,
+"""torchrun: one training step of every script under `torchrun --nproc-per-node 2` (gloo, CPU), with FSDP2 (and DDP: DDP_RUNS),
 equals the single-process step on the same global batch (tests/torchrun_step.py fixes the responses and rewards):
 the updated weights within 1e-5, and the logged metrics, which are global means. Includes steps where the two ranks
 keep different numbers of sequences and where one rank keeps none, and saving under FSDP2 (the full model and a LoRA
@@ -20,7 +20,7 @@ from common import dist
 # (run name, script, flags, global prompt indices whose G responses are equal). 4 prompts x 4 responses: rank 0 gets
 # prompts 0-1, rank 1 prompts 2-3. "uneven": rank 0 keeps 1 group, rank 1 keeps 2; "none": rank 1 keeps none.
 FLAGS = ["--total-steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "3",
-         "--eval-size", "3", "--save-every", "0", "--lr", "0.1"]  # fmt: skip
+         "--eval-size", "3", "--train-size", "16", "--save-every", "0", "--lr", "0.1"]  # fmt: skip
 RUNS = [
     *[(f"{algo}-uneven", f"algos/{algo}_vlm.py", [], [1]) for algo in ("grpo", "rloo", "opo", "gspo")],
     # DAPO's token-level loss: its normaliser is the global step's tokens (no dynamic sampling: see TORCHRUN_ONLY)
@@ -35,6 +35,9 @@ RUNS = [
 # and its resampled ones too (tests/torchrun_step.py keys the responses by place), rank 0 resampling in step with it.
 TORCHRUN_ONLY = [("dapo-dynamic", "algos/dapo_vlm.py", ["--max-resample-rounds", "2"], [2, 3]),
                  ("grpo-agentic", "algos/grpo_vlm.py", ["--task", "zoom", "--max-turns", "2"], [])]  # tests/torchrun_step.py
+# DDP wraps every script's model alike: GRPO's single update (and a rank with no rows, which must still join the
+# gradients' all-reduce), GSPO's minibatch updates, PPO's critic, a LoRA and a frozen tower (parameters without grads)
+DDP_RUNS = {"grpo-uneven", "grpo-none", "gspo-none", "ppo", "grpo-lora", "grpo-frozen"}
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
 IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -51,9 +54,9 @@ def run(repo_root, *command, timeout=600):
 @pytest.fixture(scope="module")
 def steps(tiny_model_dir, repo_root, tmp_path_factory):
     """{engine: {run name: run dir}} for engine single, fsdp, ddp: one process runs every RUNS entry, then one
-    torchrun launch runs them all with FSDP2 and then with DDP (and TORCHRUN_ONLY)."""
+    torchrun launch runs them all with FSDP2 (and TORCHRUN_ONLY), then DDP_RUNS with DDP."""
     root = tmp_path_factory.mktemp("dist")
-    engines = {"single": RUNS, "fsdp": RUNS + TORCHRUN_ONLY, "ddp": RUNS}
+    engines = {"single": RUNS, "fsdp": RUNS + TORCHRUN_ONLY, "ddp": [r for r in RUNS if r[0] in DDP_RUNS]}
     launches = {"single": [sys.executable], "torchrun": TORCHRUN}
     for launch, command in launches.items():
         runs = []
@@ -79,8 +82,7 @@ def step_record(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
 
 
-@pytest.mark.parametrize("launch", ["fsdp", "ddp"])
-@pytest.mark.parametrize("name", [r[0] for r in RUNS])
+@pytest.mark.parametrize("launch, name", [(launch, r[0]) for r in RUNS for launch in ("fsdp", "ddp") if launch == "fsdp" or r[0] in DDP_RUNS])
 def test_torchrun_step_equals_single_process_step(steps, launch, name, tiny_model_dir):
     single, distributed = weights(steps["single"][name], name), weights(steps[launch][name], name)
     assert single.keys() == distributed.keys()
@@ -157,7 +159,7 @@ def test_fsdp_resume_continues_the_run_exactly(repo_root, tiny_model_dir, tmp_pa
     """A 3-step run under FSDP2 SIGKILLed after its step-2 checkpoint (each rank's optimizer shard, every rank's RNG
     state), resumed from there: its step 3 gives the uninterrupted run's weights, bitwise."""
     flags = ["algos/grpo_vlm.py", "--model", tiny_model_dir, "--total-steps", "3", "--save-every", "2", "--eval-size", "2",
-             "--prompts-per-step", "4", "--group-size", "4", "--output-dir"]  # fmt: skip
+             "--train-size", "16", "--prompts-per-step", "4", "--group-size", "4", "--output-dir"]  # fmt: skip
     run(repo_root, *TORCHRUN, *flags, str(tmp_path / "straight"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([*TORCHRUN, *flags, str(tmp_path / "killed")], cwd=repo_root, env=env,
@@ -181,7 +183,7 @@ def test_vllm_engines_under_torchrun(repo_root, tiny_model_dir, tmp_path):
     and merged for the push: a step runs, each rank sampling its own prompts."""
     pytest.importorskip("vllm")
     result = run(repo_root, *TORCHRUN, "algos/grpo_vlm.py", "--model", tiny_model_dir, "--rollout-engine", "vllm", "--lora",
-                      "--total-steps", "1", "--eval-size", "2", "--prompts-per-step", "4", "--group-size", "4",
+                      "--total-steps", "1", "--eval-size", "2", "--train-size", "8", "--prompts-per-step", "4", "--group-size", "4",
                       "--output-dir", str(tmp_path))  # fmt: skip
     assert "rollout engine: vLLM" in result.stdout
     records = [json.loads(line) for line in (next(tmp_path.iterdir()) / "metrics.jsonl").read_text().splitlines()]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from common.families import FAMILIES, build
+from conftest import REPO_ROOT, TEMPLATE
 from common.vlm import (
     box_convention,
     build_prompts,
@@ -30,6 +31,7 @@ from common.vlm import (
     take_rows,
 )
 
+TEMPLATE_PATH = str(TEMPLATE.relative_to(REPO_ROOT))  # algos/grpo_vlm.py, as Script.path spells it
 END_OF_TURN = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
 # different sizes → different numbers of image tokens (Qwen-VL) or crops (Idefics3) in one batch
 IMAGE_SIZES = [(64, 64), (112, 84), (40, 96)]
@@ -58,25 +60,37 @@ def checkpoint(request, checkpoints) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def step_runs(script, checkpoints, repo_root, tmp_path_factory):
-    """One step of the script per family, run as a user runs it. The four subprocesses start at once, one thread
-    each (most of their time is importing torch and transformers); each test waits for its own."""
-    runs = {}
-    for family, path in checkpoints.items():
-        out = tmp_path_factory.mktemp(f"{script.name}-{family}")
-        flags = ["--model", path, "--total-steps", "1", "--prompts-per-step", "2", *script.optional("--group-size", "2")]
-        flags += ["--train-size", "8", "--eval-size", "4", "--max-new-tokens", "4", "--output-dir", str(out / "runs")]
-        # a random model earns reward 0: still run the update's forward
-        flags += script.optional("--no-skip-zero-advantage-groups")
-        flags += ["--rollout-engine", "vllm"]  # each family's rollouts through the co-located vLLM engine
-        env = {**os.environ, "VLRL_CACHE": str(out / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
-            process = subprocess.Popen([sys.executable, script.path, *flags], cwd=repo_root, env=env, stdout=stdout, stderr=stderr)
-        runs[family] = (process, out)
-    yield runs
-    for process, _ in runs.values():
-        if process.poll() is None:
-            process.kill()
+def step_runs(checkpoints, repo_root, tmp_path_factory):
+    """step_runs(script): one step of the script per family, run as a user runs it, started on the first call for
+    that script and kept for the session (a fixture parametrised by `script` would be torn down and started again
+    each time pytest's ordering alternates scripts). The four subprocesses start at once, one thread each (most of
+    their time is importing torch and transformers); each test waits for its own."""
+    started: dict[str, dict] = {}
+
+    def start(script):
+        if script.name in started:
+            return started[script.name]
+        runs = started[script.name] = {}
+        for family, path in checkpoints.items():
+            out = tmp_path_factory.mktemp(f"{script.name}-{family}")
+            flags = ["--model", path, "--total-steps", "1", "--prompts-per-step", "2", *script.optional("--group-size", "2")]
+            flags += ["--train-size", "8", "--eval-size", "4", "--max-new-tokens", "4", "--output-dir", str(out / "runs")]
+            # a random model earns reward 0: still run the update's forward
+            flags += script.optional("--no-skip-zero-advantage-groups")
+            # each family's rollouts through the co-located vLLM engine, in GRPO's run: the engine block is the same
+            # text in every script, so another script's runs (PPO's critic on each family's trunk) sample with HF
+            flags += ["--rollout-engine", "vllm" if script.path == TEMPLATE_PATH else "hf"]
+            env = {**os.environ, "VLRL_CACHE": str(out / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+            with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
+                command = [sys.executable, script.path, *flags]
+                runs[family] = (subprocess.Popen(command, cwd=repo_root, env=env, stdout=stdout, stderr=stderr), out)
+        return runs
+
+    yield start
+    for runs in started.values():
+        for process, _ in runs.values():
+            if process.poll() is None:
+                process.kill()
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +119,7 @@ def random_responses(processor, n, length, seed=0):
 
 def test_one_step_runs_end_to_end_and_the_saved_model_reloads(checkpoint, step_runs, script):
     family, _ = checkpoint
-    process, out = step_runs[family]
+    process, out = step_runs(script)[family]
     assert process.wait(timeout=300) == 0, (out / "stderr").read_text()[-3000:]
     (run_dir,) = (out / "runs").iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -117,7 +131,8 @@ def test_one_step_runs_end_to_end_and_the_saved_model_reloads(checkpoint, step_r
     # vLLM's own Idefics3 runs here; its Qwen-VLs need torchvision, so those run on its Transformers backend.
     # Either way the rollout checked vLLM's image expansion against the processor's, token by token.
     engine = "native" if family == "idefics3" else "Transformers backend"
-    assert f"rollout engine: vLLM ({engine}, in the training process)" in (out / "stdout").read_text()
+    expected = f"vLLM ({engine}, in the training process)" if script.path == TEMPLATE_PATH else "HF generate"
+    assert f"rollout engine: {expected}" in (out / "stdout").read_text()
     model, processor = load_vlm(str(run_dir / "model"))
     assert model.config.model_type == family
     assert stop_token_id(processor) == processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])

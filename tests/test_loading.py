@@ -113,7 +113,7 @@ def test_a_text_only_checkpoint_exits_asking_for_a_vision_language_one(text_only
 
 
 def test_the_script_on_a_text_only_checkpoint_prints_one_line(script, repo_root, hf_home, text_only_dir, tmp_path):
-    args = [script.path, "--model", text_only_dir, "--output-dir", str(tmp_path / "runs")]
+    args = [script.path, "--model", text_only_dir, "--train-size", "16", "--eval-size", "4", "--output-dir", str(tmp_path / "runs")]
     out = run(args, repo_root, hf_home, tmp_path)
     assert out.returncode == 1
     assert out.stderr.splitlines() == [text_only_message(text_only_dir)]
