@@ -757,8 +757,8 @@ def load_rows(dataset: str, split: str, n: int, schema: Schema):
     try:
         ds = open_dataset(dataset)
     except Exception as e:  # noqa: BLE001 - one line for people, not a traceback
-        for split in empty_saved_splits(dataset):  # datasets' load_from_disk fails on one with an IndexError
-            message = f"--dataset '{dataset}' split '{split}' has no rows: drop it from the DatasetDict"
+        if empty := empty_saved_splits(dataset):  # datasets' load_from_disk fails on one with an IndexError
+            message = f"--dataset '{dataset}' split '{empty[0]}' has no rows: drop it from the DatasetDict"
             raise SystemExit(message) from None
         raise SystemExit(f"could not load --dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0]}")
     if isinstance(ds, datasets.Dataset):

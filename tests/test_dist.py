@@ -1,5 +1,5 @@
-"""torchrun: one training step of every script under `torchrun --nproc-per-node 2` (gloo, CPU), with FSDP2 (and DDP: DDP_RUNS),
-equals the single-process step on the same global batch (tests/torchrun_step.py fixes the responses and rewards):
+"""torchrun: one training step of every script under `torchrun --nproc-per-node 2` (gloo, CPU), with FSDP2 (and
+DDP: DDP_RUNS), equals the single-process step on the same global batch (tests/torchrun_step.py fixes the responses and rewards):
 the updated weights within 1e-5, and the logged metrics, which are global means. Includes steps where the two ranks
 keep different numbers of sequences and where one rank keeps none, and saving under FSDP2 (the full model and a LoRA
 adapter) for `from_pretrained`. Also the pieces of common/dist.py that need no process group."""
@@ -38,6 +38,7 @@ TORCHRUN_ONLY = [("dapo-dynamic", "algos/dapo_vlm.py", ["--max-resample-rounds",
 # DDP wraps every script's model alike: GRPO's single update (and a rank with no rows, which must still join the
 # gradients' all-reduce), GSPO's minibatch updates, PPO's critic, a LoRA and a frozen tower (parameters without grads)
 DDP_RUNS = {"grpo-uneven", "grpo-none", "gspo-none", "ppo", "grpo-lora", "grpo-frozen"}
+assert DDP_RUNS <= {name for name, *_ in RUNS}, DDP_RUNS - {name for name, *_ in RUNS}  # a typo would drop a run
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
 IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -82,7 +83,7 @@ def step_record(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
 
 
-@pytest.mark.parametrize("launch, name", [(launch, r[0]) for r in RUNS for launch in ("fsdp", "ddp") if launch == "fsdp" or r[0] in DDP_RUNS])
+@pytest.mark.parametrize("launch, name", [("fsdp", r[0]) for r in RUNS] + [("ddp", r[0]) for r in RUNS if r[0] in DDP_RUNS])
 def test_torchrun_step_equals_single_process_step(steps, launch, name, tiny_model_dir):
     single, distributed = weights(steps["single"][name], name), weights(steps[launch][name], name)
     assert single.keys() == distributed.keys()

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from common.families import FAMILIES, build
-from conftest import REPO_ROOT, TEMPLATE
 from common.vlm import (
     box_convention,
     build_prompts,
@@ -30,8 +29,8 @@ from common.vlm import (
     suppressed_token_ids,
     take_rows,
 )
+from conftest import TEMPLATE
 
-TEMPLATE_PATH = str(TEMPLATE.relative_to(REPO_ROOT))  # algos/grpo_vlm.py, as Script.path spells it
 END_OF_TURN = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
 # different sizes → different numbers of image tokens (Qwen-VL) or crops (Idefics3) in one batch
 IMAGE_SIZES = [(64, 64), (112, 84), (40, 96)]
@@ -79,7 +78,7 @@ def step_runs(checkpoints, repo_root, tmp_path_factory):
             flags += script.optional("--no-skip-zero-advantage-groups")
             # each family's rollouts through the co-located vLLM engine, in GRPO's run: the engine block is the same
             # text in every script, so another script's runs (PPO's critic on each family's trunk) sample with HF
-            flags += ["--rollout-engine", "vllm" if script.path == TEMPLATE_PATH else "hf"]
+            flags += ["--rollout-engine", "vllm" if script.name == TEMPLATE.stem else "hf"]
             env = {**os.environ, "VLRL_CACHE": str(out / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
             with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
                 command = [sys.executable, script.path, *flags]
@@ -131,7 +130,7 @@ def test_one_step_runs_end_to_end_and_the_saved_model_reloads(checkpoint, step_r
     # vLLM's own Idefics3 runs here; its Qwen-VLs need torchvision, so those run on its Transformers backend.
     # Either way the rollout checked vLLM's image expansion against the processor's, token by token.
     engine = "native" if family == "idefics3" else "Transformers backend"
-    expected = f"vLLM ({engine}, in the training process)" if script.path == TEMPLATE_PATH else "HF generate"
+    expected = f"vLLM ({engine}, in the training process)" if script.name == TEMPLATE.stem else "HF generate"
     assert f"rollout engine: {expected}" in (out / "stdout").read_text()
     model, processor = load_vlm(str(run_dir / "model"))
     assert model.config.model_type == family
