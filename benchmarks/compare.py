@@ -30,7 +30,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from common.runs import read_metrics  # noqa: E402
-from learn import run_script, series  # noqa: E402  (benchmarks/learn.py, next to this file)
+from learn import pinned_env, run_script, series  # noqa: E402  (benchmarks/learn.py, next to this file)
 
 ALGOS = Path(__file__).resolve().parents[1] / "algos"
 SET_HERE = ("--output-dir", "--seed", "--task", "--resume")  # each run's own, set by compare.py
@@ -139,10 +139,10 @@ def draw(results: dict[str, list[Run]], title: str, png: Path):
 
 def build_tiny_model(task: str):
     """Build the embedded tiny model (`--model tiny`, the default) unless it is cached, before the first run: its
-    one-time build (~40 s on 2 cores) would otherwise count in that run's wall time."""
-    from common.tiny_vlm import tiny_model_dir  # loads transformers: only when there is a run to do
-
-    tiny_model_dir(task)
+    one-time build (~40 s on 2 cores) would otherwise count in that run's wall time. In a process of its own, with
+    the runs' pinned kernels: its warm start trains, and would round differently on another CPU."""
+    build = f"from common.tiny_vlm import tiny_model_dir; tiny_model_dir({task!r})"
+    subprocess.run([sys.executable, "-c", build], env=pinned_env(), cwd=ALGOS.parent, check=True)
 
 
 def run_once(script: str, seed: int, args: Args, flags: list[str], tag: str) -> Run | None:

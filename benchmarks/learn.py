@@ -10,6 +10,7 @@ non-zero when the run fails. The wall time is the script's, from its start: a fi
 """
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -47,12 +48,25 @@ def eval_summary(metrics_path: Path) -> str:
     return ", ".join(f"{key} {v[0]:.3f} → {v[-1]:.3f}" for key, v in values.items() if v)
 
 
+# The same seed lands elsewhere on another CPU: where torch, MKL and oneDNN pick wider (AVX-512) kernels, sums round
+# differently. Pinned to their AVX2 kernels, AVX2 and AVX-512 machines should compute alike (measured only on an AVX2
+# machine, an AMD EPYC: 15 GRPO steps bitwise the same as unpinned, and as fast). x86 only.
+SAME_KERNELS_ON_EVERY_X86 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pinned_env() -> dict[str, str]:
+    """This process's environment with the kernels pinned (on x86; a variable you set yourself wins)."""
+    pinned = SAME_KERNELS_ON_EVERY_X86 if platform.machine().lower() in ("x86_64", "amd64") else {}
+    return {**pinned, **os.environ}
+
+
 def run_script(script: str, output_dir: str, script_args: list[str], **output) -> tuple[int, float, Path | None]:
     """Run `script` as a user runs it, `python SCRIPT --output-dir OUTPUT_DIR ARGS...` (`output`: subprocess.run's
     stdout and stderr; the terminal by default): (its exit status, its wall seconds from start to exit, the newest
     metrics.jsonl it wrote under output_dir, or None)."""
     start = time.time()
-    result = subprocess.run([sys.executable, script, "--output-dir", output_dir, *script_args], **output)
+    command = [sys.executable, script, "--output-dir", output_dir, *script_args]
+    result = subprocess.run(command, env=pinned_env(), **output)
     wall = time.time() - start
     written = [p for p in Path(output_dir).glob("*/metrics.jsonl") if p.stat().st_mtime >= start]
     return result.returncode, wall, max(written, key=lambda p: p.stat().st_mtime, default=None)
