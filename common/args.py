@@ -26,7 +26,8 @@ class SharedArgs:
     save_every: int = 50
     """save a checkpoint (policy, optimizer state, step, RNG states) every this many steps; 0 = none"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint, with the flags it was started with"""
+    """continue the run in this run directory from its latest checkpoint, with the flags it was started with (and
+    --total-steps N: train on to step N)"""
 
     # Task and model
     task: Literal[tuple(TASKS)] = "counting"

@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 
 import torch
@@ -63,8 +64,8 @@ def start_run(args, checkpoint: str | None, state: dict | None, start_time: floa
     else:
         run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(start_time)}"
         run_dir, records = new_run_dir(args.output_dir, run_name), []
-        with open(os.path.join(run_dir, "args.json"), "w") as f:  # e.g. the --total-steps a finished run reaches
-            json.dump(vars(args), f, indent=1)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:  # e.g. the --total-steps it reaches (a resume can extend)
+        json.dump(vars(args), f, indent=1)
     dist.broadcast((run_dir, records))
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
     name = os.path.basename(run_dir)
@@ -225,10 +226,23 @@ def load_checkpoint_state(checkpoint: str) -> dict:
     return torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
 
 
+def given_flags(args, saved: dict, defaults) -> dict:
+    """The flags given to this --resume, {name: value}. A script run from the command line parses its command line
+    again over the run's own flags, so a flag given at its default value counts too; Args built in Python (tests) count
+    the fields that differ from the defaults."""
+    if os.path.abspath(sys.argv[0]) == os.path.abspath(inspect.getfile(type(args))):
+        import tyro  # the scripts' parser
+
+        over_saved = tyro.cli(type(args), args=sys.argv[1:], default=type(args)(**{**saved, "resume": args.resume}))
+        return {k: v for k, v in vars(over_saved).items() if k != "resume" and v != saved[k]}
+    return {k: v for k, v in vars(args).items() if k != "resume" and v != getattr(defaults, k)}
+
+
 def resumed_args(args, defaults):
     """--resume <run dir>: (the run's own flags, its latest checkpoint, the checkpoint's state). The run continues
-    with the flags it was started with; a flag given now that differs from both its default and the run's value is
-    refused (it would make the resumed run another run)."""
+    with the flags it was started with; a flag given now that differs from the run's value is refused (it would make
+    the resumed run another run), but for --total-steps: more steps than the checkpoint's extend the run (with
+    --anneal-lr the learning rate then decays to 0 over the new total, so it steps up at the resume)."""
     run_dir = args.resume
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         raise SystemExit(f"--resume {run_dir}: not a run directory (no metrics.jsonl); pass <output_dir>/<run_name>")
@@ -241,18 +255,28 @@ def resumed_args(args, defaults):
         started = f"algos/{script}" if script else "another script"
         raise SystemExit(f"--resume {run_dir}: a run of {started}, not of {this}: resume it with the script that "
                          "started it")
-    changed = [k for k, v in vars(args).items() if k != "resume" and v != getattr(defaults, k) and v != saved[k]]
+    given = given_flags(args, saved, defaults)
+    total_steps = given.pop("total_steps", saved["total_steps"])
+    changed = [k for k, v in given.items() if v != saved[k]]
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in changed)
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})" for k in changed)
         raise SystemExit(f"--resume continues {run_dir} with the flags it was started with: drop {flags}")
+    if total_steps != saved["total_steps"] and total_steps <= state["step"]:
+        raise SystemExit(f"--resume {run_dir} --total-steps {total_steps}: its checkpoint is at step {state['step']}; "
+                         f"give more steps, or none (the run's {saved['total_steps']})")
     if state.get("world_size", 1) != dist.world_size():
         world = state.get("world_size", 1)
         raise SystemExit(f"--resume {run_dir}: the run had {world} processes; resume it with as many "
                          f"(torchrun --nproc-per-node {world})")
     saved_policy = all(map(os.path.isdir, saved_policy_dirs(run_dir, saved["lora"], saved["lora_merge"])))
-    if read_metrics(run_dir)[-1]["step"] >= saved["total_steps"] and saved_policy:
-        raise SystemExit(f"--resume {run_dir}: the run finished all its {saved['total_steps']} steps")
-    return type(args)(**{**saved, "resume": run_dir}), checkpoint, state  # a checkpoint of the last step: the save
+    if read_metrics(run_dir)[-1]["step"] >= total_steps and saved_policy:
+        raise SystemExit(f"--resume {run_dir}: the run finished all its {total_steps} steps; train it further with "
+                         f"--total-steps <more than {total_steps}>")
+    if total_steps != saved["total_steps"] and dist.rank() == 0:
+        print(f"--resume {run_dir}: training to step {total_steps}, not {saved['total_steps']}"
+              + (" (the learning rate now decays to 0 at that step)" if saved["anneal_lr"] else ""), flush=True)
+    resumed = {**saved, "resume": run_dir, "total_steps": total_steps}
+    return type(args)(**resumed), checkpoint, state  # a checkpoint of the last step: the save
 
 
 def script_name(args) -> str:

@@ -10,6 +10,7 @@ The tests at the end drive common.runs.Run directly, as a script's loop does: it
 import itertools
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,6 +120,30 @@ def test_resume_refuses_a_changed_flag_and_a_finished_run(grpo, tiny_model_dir, 
         run_main(grpo, tiny_model_dir, straight[0].parent, "--resume", str(straight[0]))
     with pytest.raises(SystemExit, match=r"drop --lr 0\.5 \(the run's: 0\.01\)"):
         run_main(grpo, tiny_model_dir, resumed[0].parent, "--resume", str(resumed[0]), "--lr", "0.5")
+
+
+def test_resume_refuses_a_flag_given_at_its_default_that_the_run_changed(grpo, straight, monkeypatch):
+    # once ignored without a word: the run's --lr 0.01 went on, though the command line said --lr 0.0002 (the default).
+    # Run from the command line, the script parses it again over the run's flags, so a given default counts too
+    monkeypatch.setattr("sys.argv", [grpo.__file__, "--resume", str(straight[0]), "--lr", "0.0002"])
+    assert grpo.Args().lr == 0.0002
+    with pytest.raises(SystemExit, match=r"drop --lr 0\.0002 \(the run's: 0\.01\)"):
+        grpo.main(tyro.cli(grpo.Args))
+
+
+def test_resume_with_more_total_steps_extends_a_finished_run(grpo, tiny_model_dir, straight, tmp_path, flags):
+    run_dir, out = tmp_path / straight[0].name, straight[0].parent  # a copy: --output-dir stays the run's
+    shutil.copytree(straight[0], run_dir)
+    with pytest.raises(SystemExit, match="its checkpoint is at step 6; give more steps"):
+        run_main(grpo, tiny_model_dir, out, "--resume", str(run_dir), "--total-steps", "5")
+    run_main(grpo, tiny_model_dir, out, "--resume", str(run_dir), "--total-steps", "8")
+    assert [r["step"] for r in strict_records(run_dir)] == list(range(9))
+    assert json.loads((run_dir / "args.json").read_text())["total_steps"] == 8
+    assert runs.latest_checkpoint(str(run_dir)).endswith("checkpoint-8")
+    weights = load_file(run_dir / POLICY[flags])  # the policy saved again, two steps further
+    assert max((weights[k] - t).abs().max().item() for k, t in straight[1].items()) > 1e-4
+    with pytest.raises(SystemExit, match="finished all its 8 steps; train it further with --total-steps"):
+        run_main(grpo, tiny_model_dir, out, "--resume", str(run_dir))
 
 
 def test_a_run_killed_while_saving_its_policy_resumes_to_save_it(grpo, tiny_model_dir, straight, tmp_path, flags):
