@@ -28,6 +28,21 @@ def test_a_child_process_hides_what_this_process_hid_without_importing_common(re
     assert common.STARTUP_DIR in os.environ["PYTHONPATH"].split(os.pathsep)
 
 
+def test_datasets_imported_before_common_still_builds_an_image_column(repo_root):
+    if "torchcodec" not in BROKEN_HERE:
+        pytest.skip("torchcodec imports here (or is not installed): datasets never tries a hidden one")
+    # once "No module named 'torchcodec.decoders'": datasets had found torchcodec before common hid it
+    code = (
+        "import datasets, common\n"
+        "from PIL import Image\n"
+        "features = datasets.Features({'image': datasets.Image()})\n"
+        "rows = datasets.Dataset.from_dict({'image': [Image.new('RGB', (4, 4))]}, features=features)\n"
+        "print('size:', rows[0]['image'].size)\n"
+    )
+    result = run_python(code, repo_root, PYTHONPATH="")  # as a user's own script starts: no start-up file yet
+    assert result.returncode == 0 and "size: (4, 4)" in result.stdout, result.stderr[-2000:]
+
+
 def test_vllm_inspects_a_model_class_in_its_helper_process_with_an_empty_cache(repo_root, tmp_path):
     """vLLM answers 'what can this model class do' in a fresh `python -m vllm.model_executor.models.registry` unless
     $VLLM_CACHE_ROOT/modelinfos holds the answer; on a new machine it does not. The architecture is the one the engine

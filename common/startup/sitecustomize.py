@@ -33,6 +33,9 @@ def hide_if_broken(name: str) -> None:
         for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
             del sys.modules[module]
         sys.modules[name] = None
+        datasets_config = sys.modules.get("datasets.config")  # `import datasets` came first: it found the package, and
+        if datasets_config is not None:  # would import it again to encode an Image column
+            setattr(datasets_config, f"{name.upper()}_AVAILABLE", False)
 
 
 for _name in CUDA_ONLY_ON_PYPI:
