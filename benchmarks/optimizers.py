@@ -1,18 +1,18 @@
-"""Step time and peak memory of the three `--optimizer` choices (common/optim.py) on a ~100M-parameter Qwen2-VL,
-randomly initialised, trained on random text (an optimizer does not care what the tokens mean).
+"""The CPU optimizers side by side: ns per parameter per step, cores busy and state bytes per parameter of each
+`--optimizer` choice (common/optim.py) beside torch's fused AdamW and DeepSpeed's CPU Adam (ZeRO-Offload's), on the
+weights of a ~100M-parameter Qwen2-VL (its real tensor shapes), with the same random gradients for every optimizer.
 
-    python benchmarks/optimizers.py                      # all three, each in a fresh process; a markdown table
-    python benchmarks/optimizers.py --optimizer adamw8bit-offload --steps 20 --dtype bfloat16
+    python benchmarks/optimizers.py                       # a markdown table; ~2 minutes on 2 cores
+    python benchmarks/optimizers.py --hidden-size 2048    # ~0.5B parameters
 
-Each optimizer runs in its own subprocess so that peak RSS (and CUDA's max_memory_allocated) is its own.
-On a CPU-only machine the "device" is the CPU too: offloading then only adds a copy of the weights, and
-bitsandbytes' 8-bit update on CPU is slow (docs/memory.md); benchmarks/gpu_memory.py measures on a GPU.
+Only optimizer.step() is timed, on CPU tensors (for adamw8bit-offload its copies of gradients and weights included,
+CPU to CPU here). "vs AdamW": per tensor, |w - w_adamw| / |w_adamw - w_0| after all the steps, the largest, where
+w_adamw is torch.optim.AdamW's result from the same start and gradients (tests/test_optim.py asks < 0.10 of the
+offload). DeepSpeedCPUAdam needs `pip install deepspeed` (requirements-bench.txt; its C++ op builds with g++ and
+ninja on first use, a few minutes); without it its row says so.
 """
 
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -24,21 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common.optim import OPTIMIZERS, make_optimizer, memory_bytes  # noqa: E402
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa: E402  (after common: common/__init__.py)
 
+LR, WEIGHT_DECAY = 1e-4, 0.01
+
 
 @dataclass
 class Args:
-    optimizer: str = "all"
-    """one of adamw, adamw8bit, adamw8bit-offload, or 'all' (each in a fresh subprocess, then a table)"""
     steps: int = 5
-    """timed training steps (forward, backward, optimizer step) after the warm-up"""
-    warmup_steps: int = 1
-    """untimed steps first (lazy allocations, first-call overheads)"""
-    batch_size: int = 4
-    """sequences per step"""
-    seq_len: int = 64
-    """tokens per sequence"""
-    dtype: str = "float32"
-    """weights' dtype: float32 or bfloat16"""
+    """timed optimizer steps, after the warm-up"""
+    warmup_steps: int = 2
+    """untimed steps first (lazy state allocation, a kernel's first build or load)"""
     hidden_size: int = 768
     """the language model's width; with the defaults below the model has ~100M parameters"""
     num_layers: int = 12
@@ -47,14 +41,12 @@ class Args:
     """MLP width"""
     vocab_size: int = 32000
     """vocabulary (tied input/output embedding)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
     seed: int = 1
-    """seed for the random weights and tokens"""
+    """seed for the random weights and gradients"""
 
 
-def build_model(args: Args) -> Qwen2VLForConditionalGeneration:
-    """A Qwen2-VL whose language model has the given size, with a 2-layer vision tower that text never touches."""
+def model_weights(args: Args) -> list[torch.Tensor]:
+    """The weights of a random Qwen2-VL of this size (its language model, and a 2-layer vision tower), fp32."""
     heads = args.hidden_size // 64  # head_dim 64
     config = Qwen2VLConfig(
         text_config=dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
@@ -65,65 +57,72 @@ def build_model(args: Args) -> Qwen2VLForConditionalGeneration:
         image_token_id=args.vocab_size - 1, video_token_id=args.vocab_size - 2,
         vision_start_token_id=args.vocab_size - 3, vision_end_token_id=args.vocab_size - 4, tie_word_embeddings=True,
     )  # fmt: skip
-    return Qwen2VLForConditionalGeneration(config)
-
-
-def measure(args: Args) -> dict:
-    """Train `args.optimizer` for warm-up + timed steps in this process; returns the row of the table."""
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() and args.cuda else "cpu"
-    model = build_model(args).to(device, getattr(torch, args.dtype)).train()
-    optimizer = make_optimizer(args.optimizer, model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, args.vocab_size - 4, (args.batch_size, args.seq_len), device=device)  # no image tokens
-    step_times, optimizer_times = [], []
+    return [p.detach().clone() for p in Qwen2VLForConditionalGeneration(config).parameters()]
+
+
+def deepspeed_cpu_adam(params):
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:
+        return None
+    return DeepSpeedCPUAdam(params, lr=LR, weight_decay=WEIGHT_DECAY, adamw_mode=True)
+
+
+CHOICES = {  # name: how to build it over the parameters (None: not installed)
+    "torch AdamW(fused=True)": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True),
+    **{f"--optimizer {name}": lambda params, name=name: make_optimizer(name, params, lr=LR, weight_decay=WEIGHT_DECAY)
+       for name in OPTIMIZERS},  # fmt: skip
+    "DeepSpeedCPUAdam": deepspeed_cpu_adam,
+}
+
+
+def measure(build, start: list[torch.Tensor], args: Args):
+    """(ns per parameter per step, cores busy, state bytes per parameter, final weights), or None if not installed."""
+    params = [torch.nn.Parameter(w.clone()) for w in start]
+    optimizer = build(params)
+    if optimizer is None:
+        return None
+    generator = torch.Generator().manual_seed(args.seed)
+    wall = cpu = 0.0
     for step in range(args.warmup_steps + args.steps):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        optimizer_start = time.perf_counter()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
         if step >= args.warmup_steps:
-            step_times.append(time.perf_counter() - start)
-            optimizer_times.append(time.perf_counter() - optimizer_start)
-    usage, _ = memory_bytes(model, optimizer)
-    return {
-        "optimizer": args.optimizer,
-        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "step_s": sum(step_times) / len(step_times),
-        "optimizer_step_s": sum(optimizer_times) / len(optimizer_times),
-        "peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,  # ru_maxrss: KiB on Linux
-        "cuda_peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-        "state_MiB": {d: round(u["optimizer state"] / 2**20, 1) for d, u in usage.items() if u["optimizer state"]},
-        "device": device,
-    }
+            wall += time.perf_counter() - wall_start
+            cpu += time.process_time() - cpu_start
+    numel = sum(p.numel() for p in params)
+    model = torch.nn.ParameterList(params)
+    state = memory_bytes(model, optimizer)[0]["cpu"]["optimizer state"]
+    return wall / args.steps / numel * 1e9, cpu / wall, state / numel, [p.detach() for p in params]
+
+
+def distance(weights, reference, start) -> float:
+    return max(((w - r).norm() / (r - s).norm()).item() for w, r, s in zip(weights, reference, start))
 
 
 def main(args: Args):
-    if args.optimizer != "all":
-        print(json.dumps(measure(args)))
-        return
-    rows = []
-    for name in OPTIMIZERS:  # a fresh process each, so that peak memory is this optimizer's alone
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("optimizer", "cuda")]
-        flags += ["--optimizer", name, "--cuda" if args.cuda else "--no-cuda"]
-        result = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    print(f"\n{rows[0]['params_M']:.1f}M parameters, {args.dtype}, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"device {rows[0]['device']}, mean of {args.steps} steps after {args.warmup_steps} warm-up\n")  # fmt: skip
-    print("| optimizer | step (s) | of which optimizer.step (s) | peak RSS (GiB) | CUDA peak (GiB) | optimizer state (MiB) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        cuda_peak = "-" if r["cuda_peak_GiB"] is None else f"{r['cuda_peak_GiB']:.2f}"
-        state = ", ".join(f"{d}: {mib}" for d, mib in r["state_MiB"].items())
-        print(f"| {r['optimizer']} | {r['step_s']:.2f} | {r['optimizer_step_s']:.2f} | {r['peak_rss_GiB']:.2f} | {cuda_peak} | {state} |")
-    print("\noptimizer state: its tensors, per device (common/optim.py memory_bytes); for adamw8bit-offload this includes"
-          " the fp32 master weights and fp32 gradient buffers on the CPU")
+    start = model_weights(args)
+    numel = sum(w.numel() for w in start)
+    print(f"{numel / 1e6:.1f}M fp32 parameters in {len(start)} tensors, {torch.get_num_threads()} threads, "
+          f"mean of {args.steps} steps after {args.warmup_steps} warm-up\n")  # fmt: skip
+    rows = {}
+    for name, build in CHOICES.items():
+        rows[name] = measure(build, start, args)
+        print(f"{name}: {'not installed' if rows[name] is None else f'{rows[name][0]:.2f} ns/parameter'}", flush=True)
+    reference = rows["--optimizer adamw"][3]  # torch.optim.AdamW, as the scripts make it
+    print("\n| optimizer on the CPU | ns / parameter / step | cores busy | state bytes / parameter | vs AdamW |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        if row is None:
+            print(f"| {name} | not installed (`pip install -r requirements-bench.txt`) | | | |")
+            continue
+        ns, cores, state, weights = row
+        print(f"| {name} | {ns:.2f} | {cores:.2f} | {state:.2f} | {distance(weights, reference, start):.3f} |")
+    print("\nstate: the optimizer's tensors (common/optim.py memory_bytes); for adamw8bit-offload with its fp32 master "
+          "weights and gradient buffers")
 
 
 if __name__ == "__main__":
