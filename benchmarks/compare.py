@@ -1,7 +1,7 @@
 """The algorithms side by side: every algos/*_vlm.py on one task with its defaults, for seeds 1..S, one run at a time
 (each as a user runs it: the wall times are honest), then a markdown table and a picture of the eval curves.
 
-    python benchmarks/compare.py --seeds 2          # the six scripts on counting: 30+ minutes on a 2-core CPU
+    python benchmarks/compare.py --seeds 2          # the six scripts on counting: ~80 minutes on a 2-core CPU
     python benchmarks/compare.py --seeds 3 --scripts algos/grpo_vlm.py algos/rloo_vlm.py -- --total-steps 100
 
 Flags after `--` (or in --script-args) go to every script. What it writes under --out (default runs/benchmark):
