@@ -5,8 +5,9 @@ weights of a ~100M-parameter Qwen2-VL (its real tensor shapes), with the same ra
     python benchmarks/optimizers.py                       # a markdown table; ~2 minutes on 2 cores
     python benchmarks/optimizers.py --hidden-size 2048    # ~0.5B parameters
 
-Only optimizer.step() is timed, on CPU tensors (for adamw8bit-offload its copies of gradients and weights included,
-CPU to CPU here). "vs AdamW": per tensor, |w - w_adamw| / |w_adamw - w_0| after all the steps, the largest, where
+Only optimizer.step() is timed, on fp32 CPU tensors, where DeepSpeedCPUAdam runs in ZeRO-Offload: there the
+weights are adamw8bit-offload's own master copy and nothing is copied (from a GPU, its gradient and weight copies
+overlap its CPU work tensor by tensor; benchmarks/gpu_memory.py times that step on a GPU). "vs AdamW": per tensor, |w - w_adamw| / |w_adamw - w_0| after all the steps, the largest, where
 w_adamw is torch.optim.AdamW's result from the same start and gradients (tests/test_optim.py asks < 0.10 of the
 offload). DeepSpeedCPUAdam needs `pip install deepspeed` (requirements-bench.txt; its C++ op builds with g++ and
 ninja on first use, a few minutes); without it its row says so.
@@ -120,9 +121,15 @@ def main(args: Args):
             print(f"| {name} | not installed (`pip install -r requirements-bench.txt`) | | | |")
             continue
         ns, cores, state, weights = row
-        print(f"| {name} | {ns:.2f} | {cores:.2f} | {state:.2f} | {distance(weights, reference, start):.3f} |")
-    print("\nstate: the optimizer's tensors (common/optim.py memory_bytes); for adamw8bit-offload with its fp32 master "
-          "weights and gradient buffers")
+        if name == "--optimizer adamw8bit-offload":  # from a GPU it adds an fp32 master copy and gradient buffer
+            state = f"{state:.2f} ({state + 8:.2f} from a GPU)"
+        else:
+            state = f"{state:.2f}"
+        print(f"| {name} | {ns:.2f} | {cores:.2f} | {state} | {distance(weights, reference, start):.3f} |")
+    offload, deepspeed = rows["--optimizer adamw8bit-offload"], rows["DeepSpeedCPUAdam"]
+    if deepspeed is not None:
+        print(f"\nadamw8bit-offload / DeepSpeedCPUAdam: {offload[0] / deepspeed[0]:.2f}x the time per parameter")
+    print("\nstate: the optimizer's tensors in CPU memory (common/optim.py memory_bytes)")
 
 
 if __name__ == "__main__":

@@ -89,22 +89,27 @@ def cpu_model() -> str:
 class CPUOffloadAdamW8bit:
     """AdamW with 8-bit moments whose state lives in CPU memory: per weight, the two 8-bit moments and an fp32
     master copy (the bf16 weights on the device are its rounding, so small updates are not lost). One step:
-      1. copy every gradient into its CPU buffer: all copies queued at once (non-blocking into pinned memory on
-         CUDA), then one wait;
-      2. common/adamw8bit.cpp updates the fp32 master weights and the moments on the CPU, in one pass over each
-         tensor, on every thread torch uses (the device idles meanwhile: no overlap here);
-      3. copy the master weights into the device weights, cast to their dtype: queued non-blocking, they overlap
-         with what Python does next; CUDA runs them before the next forward (same stream), and the next step's
-         wait in 1. makes sure they are done before the CPU writes the master weights again.
+      1. queue every gradient's copy into its CPU buffer at once (non-blocking into pinned memory on CUDA), each
+         followed by an event that marks it landed;
+      2. tensor by tensor, as soon as its gradient has landed, common/adamw8bit.cpp updates its fp32 master weights
+         and moments in one pass on every thread torch uses, and queues the copy of the new master weights into
+         the device weights (non-blocking, cast to their dtype): the transfers of the other tensors overlap with
+         the CPU's work. CUDA runs the copies before the next forward (same stream), and in the next step a
+         gradient's event is recorded after them, so the CPU never writes master weights still being read.
     (For non-blocking copies torch casts bf16 <-> fp32 on the GPU, through a transient fp32 copy of one tensor.)
-    CPU memory per weight: 4 (master) + 4 (gradient buffer) + 2 (moments) + 8/256 (block maxima) = 10.03 bytes."""
+    CPU memory per weight: 4 (master) + 4 (gradient buffer) + 2 (moments) + 8/256 (block maxima) = 10.03 bytes.
+    A weight already on the CPU in fp32 (a CPU run) is its own master copy and its gradient is read where it is:
+    no copies and 2.03 bytes per weight."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
         self.kernel = adamw8bit_kernel()
         pin = any(p.is_cuda for p in self.params)  # pinned CPU memory makes host<->device copies asynchronous
-        self.master_weights = [torch.empty(p.shape, pin_memory=pin).copy_(p.detach()) for p in self.params]  # fp32
-        self.cpu_grads = [torch.empty(p.shape, pin_memory=pin) for p in self.params]  # fp32, where gradients land
+        self.in_place = [p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in self.params]
+        self.master_weights = [p.data if in_place else torch.empty(p.shape, pin_memory=pin).copy_(p.detach())
+                               for p, in_place in zip(self.params, self.in_place)]  # fp32  # fmt: skip
+        self.cpu_grads = [None if in_place else torch.empty(p.shape, pin_memory=pin)
+                          for p, in_place in zip(self.params, self.in_place)]  # fp32, where gradients land  # fmt: skip
         blocks = [-(-p.numel() // 256) for p in self.params]
         self.state = [{"step": 0, "m_codes": torch.zeros(p.numel(), dtype=torch.uint8), "m_max": torch.zeros(b),
                        "r_codes": torch.zeros(p.numel(), dtype=torch.uint8), "r_max": torch.zeros(b)}
@@ -120,22 +125,27 @@ class CPUOffloadAdamW8bit:
 
     @torch.no_grad()
     def step(self):
-        stepped = [p.grad is not None for p in self.params]  # a weight without a gradient is skipped
-        for p, cpu_grad, has_grad in zip(self.params, self.cpu_grads, stepped):
-            if has_grad:
-                cpu_grad.copy_(p.grad.reshape(p.shape), non_blocking=True)
-        if any(p.is_cuda for p in self.params):
-            torch.cuda.synchronize()  # the gradients must have landed before the CPU reads them
         group, threads = self.param_groups[0], torch.get_num_threads()
-        for master, grad, state, has_grad in zip(self.master_weights, self.cpu_grads, self.state, stepped):
-            if has_grad:
-                state["step"] += 1
-                tensors = (master, grad, state["m_codes"], state["m_max"], state["r_codes"], state["r_max"])
-                self.kernel(*(t.data_ptr() for t in tensors), master.numel(), group["lr"], *group["betas"],
-                            group["eps"], group["weight_decay"], state["step"], threads)  # fmt: skip
-        for p, master, has_grad in zip(self.params, self.master_weights, stepped):
-            if has_grad:
-                p.copy_(master, non_blocking=True)
+        stepped = [i for i, p in enumerate(self.params) if p.grad is not None]  # a weight without a gradient is skipped
+        landed = {}  # tensor index: a CUDA event that its gradient's copy has finished
+        for i in stepped:
+            p, cpu_grad = self.params[i], self.cpu_grads[i]
+            if cpu_grad is not None:
+                cpu_grad.copy_(p.grad.reshape(p.shape), non_blocking=True)
+                if p.is_cuda:
+                    landed[i] = torch.cuda.Event()
+                    landed[i].record()
+        for i in stepped:
+            p, master, state = self.params[i], self.master_weights[i], self.state[i]
+            if i in landed:
+                landed[i].synchronize()  # this tensor's gradient is here; the later ones are still on their way
+            grad = p.grad.contiguous() if self.in_place[i] else self.cpu_grads[i]
+            state["step"] += 1
+            tensors = (master, grad, state["m_codes"], state["m_max"], state["r_codes"], state["r_max"])
+            self.kernel(*(t.data_ptr() for t in tensors), master.numel(), group["lr"], *group["betas"], group["eps"],
+                        group["weight_decay"], state["step"], threads)  # fmt: skip
+            if not self.in_place[i]:
+                p.copy_(master, non_blocking=True)  # to the device while the CPU updates the next tensor
 
     def state_dict(self) -> dict:
         return {"state": [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in self.state],
@@ -190,8 +200,11 @@ def memory_bytes(model, optimizer, ref_model=None, rollout_engine_bytes: int | N
         estimate("optimizer state", trainable, 2)
         notes.append("optimizer state: allocated at the first step, sized as 2 moments per trainable weight")
     if offload:
-        add("optimizer state", optimizer.master_weights + optimizer.cpu_grads)
-        notes.append("optimizer state on cpu: 8-bit moments + fp32 master weights + fp32 gradient buffers")
+        copies = [t for t, in_place in zip(optimizer.master_weights + optimizer.cpu_grads, optimizer.in_place * 2)
+                  if not in_place]  # a CPU fp32 weight is its own master copy and gradient buffer  # fmt: skip
+        add("optimizer state", copies)
+        if copies:
+            notes.append("optimizer state on cpu: 8-bit moments + fp32 master weights + fp32 gradient buffers")
     if ref_model is not None:
         add("reference model", ref_model.parameters())
     if rollout_engine_bytes:

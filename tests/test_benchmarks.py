@@ -227,3 +227,18 @@ def test_compare_reads_the_last_step_from_the_runs_args_json(repo_root, monkeypa
     assert [r["step"] for r in compare.finished_records(tmp_path)] == [0, 1, 2, 3]
     (tmp_path / "args.json").write_text(json.dumps({"total_steps": 150}))  # e.g. PPO's own default on counting
     assert compare.finished_records(tmp_path) is None
+
+
+def test_optimizers_tabulates_every_optimizer_beside_torch_fused_adamw(repo_root, tmp_path):
+    result = run(repo_root, tmp_path, "benchmarks/optimizers.py", "--hidden-size", "64", "--num-layers", "1",
+                 "--intermediate-size", "128", "--vocab-size", "512", "--steps", "2", "--warmup-steps", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in result.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}  # fmt: skip
+    for name in ("torch AdamW(fused=True)", "--optimizer adamw", "--optimizer adamw8bit",
+                 "--optimizer adamw8bit-offload", "DeepSpeedCPUAdam"):  # fmt: skip
+        assert name in rows, result.stdout
+    assert rows["--optimizer adamw"][3].strip(" |") == "0.000"  # the reference itself
+    state = rows["--optimizer adamw8bit-offload"][2]  # its fp32 CPU weights are their own master copy
+    assert re.fullmatch(r"2\.\d\d \(10\.\d\d from a GPU\)", state), state
+    assert float(rows["--optimizer adamw8bit-offload"][3].strip(" |")) < 0.10  # tests/test_optim.py's tolerance

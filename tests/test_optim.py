@@ -71,6 +71,47 @@ def test_offload_state_is_8bit_and_held_by_cpu_copies_not_by_device_weights():
     # note: on this CPU-only machine the "device" is the CPU too; a CUDA run is needed to see two devices.
 
 
+def test_fp32_cpu_weights_are_their_own_master_copy_and_step_as_the_copying_path_does():
+    # on a CPU run the fp32 weights are updated where they are (no master copy, no gradient buffer, nothing copied);
+    # the copying path (a GPU's, or bf16 weights') on the same fp32 weights must give the same bits
+    in_place, copying = mlp(), mlp()
+    in_place_optimizer = make_optimizer("adamw8bit-offload", in_place.parameters(), lr=1e-3)
+    copying_optimizer = make_optimizer("adamw8bit-offload", copying.parameters(), lr=1e-3)
+    assert all(in_place_optimizer.in_place) and all(g is None for g in in_place_optimizer.cpu_grads)
+    for p, master in zip(in_place.parameters(), in_place_optimizer.master_weights):
+        assert master.data_ptr() == p.data_ptr()
+    copying_optimizer.in_place = [False] * 6  # as for weights on a GPU
+    copying_optimizer.master_weights = [p.detach().clone() for p in copying.parameters()]
+    copying_optimizer.cpu_grads = [torch.empty_like(p) for p in copying.parameters()]
+    train(in_place, in_place_optimizer, 5)
+    train(copying, copying_optimizer, 5)
+    for a, b in zip(in_place.parameters(), copying.parameters()):
+        assert torch.equal(a, b)
+    moments_8bit = sum(t.numel() * t.element_size() for s in in_place_optimizer.state for t in s.values()
+                       if torch.is_tensor(t))  # fmt: skip
+    assert memory_bytes(in_place, in_place_optimizer)[0]["cpu"]["optimizer state"] == moments_8bit
+    assert memory_bytes(copying, copying_optimizer)[0]["cpu"]["optimizer state"] == moments_8bit + 2 * 4 * sum(
+        p.numel() for p in copying.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the offload from a GPU (events, pinned copies) needs CUDA")
+def test_offload_from_a_gpu_matches_the_cpu_run_bitwise():
+    # the pipelined step: gradients copied device -> pinned CPU memory, each tensor updated when its own copy has
+    # landed, its weights copied back while the next one is updated; same inputs, so the same bits as on the CPU
+    cpu, gpu = mlp(), mlp().cuda()
+    cpu_optimizer = make_optimizer("adamw8bit-offload", cpu.parameters(), lr=1e-3)
+    gpu_optimizer = make_optimizer("adamw8bit-offload", gpu.parameters(), lr=1e-3)
+    assert not any(gpu_optimizer.in_place) and all(m.is_pinned() for m in gpu_optimizer.master_weights)
+    for step in range(5):
+        for model, optimizer in ((cpu, cpu_optimizer), (gpu, gpu_optimizer)):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i)).to(p.device)
+            optimizer.step()
+    torch.cuda.synchronize()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.equal(a, b.cpu())
+
+
 def test_the_8bit_codes_keep_small_moments_relative_to_their_block():
     # one block whose gradients span 4 decades: each weight still moves by ~lr on the first step (Adam's update is
     # g / |g| then), as it does under torch's AdamW; linear 8-bit codes would round the small ones' r to 0
