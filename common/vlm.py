@@ -308,41 +308,133 @@ def response_logprobs(model, prompts, response_ids, mask, suppressed_ids, temper
     Returns (B, T); positions where mask == 0 hold 0. With hidden_states, returns (log-probs, hidden): hidden
     (B, T, H) is the last hidden state (after the final norm: the LM head's input) at the position whose logits
     give log π(response token t), for a value head (algos/ppo_vlm.py); read from the LM head's input, so only
-    those T positions are kept, whatever the family."""
+    those T positions are kept, whatever the family. Rows that share a prompt (a group's G responses, next to each
+    other) are scored in one row of the forward, their prompt and image once (shared_prompt_forward)."""
+    for module in model.modules():  # generate caches its batch's M-RoPE offsets on the model: never reuse them
+        if hasattr(module, "rope_deltas"):
+            module.rope_deltas = None
+    runs = shared_prompt_runs(model, prompts)
+    if runs is not None:
+        logits, hidden = shared_prompt_forward(model, prompts, response_ids, mask, runs, hidden_states)
+    else:
+        logits, hidden = one_row_each_forward(model, prompts, response_ids, mask, hidden_states)
+    logits = logits.float() / temperature  # (B, T, V)
+    logits[..., suppressed_ids] = float("-inf")  # the policy we sampled from never emits these
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
+    return (logprobs, hidden) if hidden_states else logprobs
+
+
+def attended_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): every response token up to the last one trained on. In an agentic episode that includes the tool's
+    turns (mask 0: read, not trained on); in a one-turn response it is the mask itself."""
+    return mask.flip(1).cummax(1).values.flip(1)
+
+
+def forward_keeping(model, inputs: dict, keep, hidden_states: bool):
+    """model(**inputs)'s logits at the positions `keep` (logits_to_keep: a count from the end, or indices), and with
+    hidden_states the LM head's input there (recorded as the forward passes it), else None."""
+    captured = []
+    head = unwrap(model).get_output_embeddings() if hidden_states else None  # (a DDP wrapper's model's)
+    hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0])) if hidden_states else None
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits, captured[0] if hidden_states else None
+
+
+def one_row_each_forward(model, prompts, response_ids, mask, hidden_states: bool):
+    """Each row's prompt + response as one row of the forward: (logits (B, T, V) predicting each response token,
+    the LM head's input there (B, T, H) or None)."""
     inputs = dict(prompts)
     tool_images = inputs.pop("images_per_row", None) is not None  # take_rows's, not the model's: an agentic batch
     inputs["input_ids"] = torch.cat([prompts["input_ids"], response_ids], dim=1)
-    # attended: every response token up to the last one trained on; in an agentic episode that includes the tool's
-    # turns (mask 0: read, not trained on), in a one-turn response it is the mask itself
-    attended = mask.flip(1).cummax(1).values.flip(1)
-    inputs["attention_mask"] = torch.cat([prompts["attention_mask"], attended.to(prompts["attention_mask"].dtype)], 1)
+    attended = attended_positions(mask).to(prompts["attention_mask"].dtype)
+    inputs["attention_mask"] = torch.cat([prompts["attention_mask"], attended], dim=1)
     for key in ("mm_token_type_ids", "token_type_ids"):  # per-token modality (Qwen-VL M-RoPE, Gemma 3's image
         if key in prompts:  # attention): response tokens are text, type 0, but a tool's image in an agentic episode
             types = response_ids == unwrap(model).config.image_token_id if tool_images else torch.zeros_like(response_ids)
             inputs[key] = torch.cat([prompts[key], types.to(prompts[key].dtype)], dim=1)
-    # Rotary positions. Qwen-VL's M-RoPE derives 3-D positions from input_ids, mm_token_type_ids, image_grid_thw
-    # and the attention mask, and `generate` caches its batch's offsets (`rope_deltas`) on the model for the
-    # decoding steps. transformers 5.19 recomputes them for a forward without cache (modeling_qwen2_vl.py,
-    # compute_3d_position_ids); we clear them anyway, so the last rollout batch's offsets cannot leak into this
-    # forward whatever that rule becomes. 1-D RoPE (Idefics3/SmolVLM) needs nothing: the forward numbers left
-    # padding too, generate does not, and a constant shift of every position leaves RoPE attention unchanged.
-    for module in model.modules():
-        if hasattr(module, "rope_deltas"):
-            module.rope_deltas = None
-    # logits at position i predict token i+1: keep the ones that predict response tokens
-    T = response_ids.shape[1]
-    captured = []  # hidden_states: the LM head's input, (B, T + 1, H), recorded as the forward passes it
-    head = unwrap(model).get_output_embeddings() if hidden_states else None  # (a DDP wrapper's model's)
-    hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0])) if hidden_states else None
-    try:
-        logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (B, T, V)
-    finally:
-        if hook is not None:
-            hook.remove()
-    logits[..., suppressed_ids] = float("-inf")  # the policy we sampled from never emits these
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
-    return (logprobs, captured[0][:, :-1]) if hidden_states else logprobs
+    # Rotary positions: Qwen-VL's M-RoPE derives 3-D positions from input_ids, mm_token_type_ids, image_grid_thw and
+    # the attention mask. 1-D RoPE (Idefics3/SmolVLM) needs nothing: the forward numbers left padding too, generate
+    # does not, and a constant shift of every position leaves RoPE attention unchanged.
+    T = response_ids.shape[1]  # logits at position i predict token i + 1: keep the T + 1 last, drop the last one
+    logits, hidden = forward_keeping(model, inputs, T + 1, hidden_states)
+    return logits[:, :-1], hidden[:, :-1] if hidden is not None else None
+
+
+def rope_index_module(model):
+    """The module with Qwen-VL's get_rope_index (its M-RoPE positions), or None (another family)."""
+    return next((m for m in unwrap(model).modules() if hasattr(m, "get_rope_index")), None)
+
+
+def shared_prompt_runs(model, prompts) -> list[int] | None:
+    """The lengths of the runs of consecutive rows whose prompt, image included, is the same (a rollout's G responses
+    to one prompt), when there is one longer than 1 and shared_prompt_forward serves this model: a Qwen-VL family
+    (M-RoPE positions from get_rope_index), one image per row, attention through sdpa or eager (a 4-D mask). Else None."""
+    config = unwrap(model).config
+    if rope_index_module(model) is None or "images_per_row" in prompts or "mm_token_type_ids" not in prompts:
+        return None
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return None
+    ids, grid = prompts["input_ids"], prompts["image_grid_thw"]
+    if len(grid) != len(ids):
+        return None
+    blocks = prompts["pixel_values"].split(grid.prod(-1).tolist())
+    runs = [1]
+    for i in range(1, len(ids)):
+        same = torch.equal(ids[i], ids[i - 1]) and torch.equal(grid[i], grid[i - 1]) and torch.equal(blocks[i], blocks[i - 1])
+        if same:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs if max(runs) > 1 else None
+
+
+def shared_prompt_forward(model, prompts, response_ids, mask, runs: list[int], hidden_states: bool):
+    """one_row_each_forward's result, with each run of rows that share a prompt packed into one row of the forward:
+    [prompt | response 1 | response 2 | ... ], a 4-D attention mask letting each response token see the prompt and
+    its own earlier tokens only, and each response's M-RoPE positions those it has after the prompt alone. The
+    prompt, its image included, goes through the model once per run instead of once per response (G times less
+    prompt work, forward and backward); the log-probs are the same up to float rounding (tests/test_vlm.py)."""
+    T, device = response_ids.shape[1], response_ids.device
+    P, U, G = prompts["input_ids"].shape[1], len(runs), max(runs)
+    first = [0, *itertools.accumulate(runs)][:-1]  # each run's first row
+    prompt = take_rows(prompts, first)  # (U, P) and one image per run
+    # where each response sits in the packed rows: run u's j-th response is row first[u] + j, slot j of row u
+    slot_rows = torch.tensor([first[u] + j if j < runs[u] else first[u] for u in range(U) for j in range(G)], device=device)
+    slot_used = torch.tensor([j < runs[u] for u in range(U) for j in range(G)], device=device).view(U, G, 1)
+    packed_ids = response_ids[slot_rows].view(U, G * T)
+    attended = (attended_positions(mask)[slot_rows].view(U, G, T) * slot_used).bool()  # (U, G, T)
+    # positions: the prompt's from the family's own rule; a response token t comes after the prompt's last one
+    prompt_valid = prompt["attention_mask"].bool()  # (U, P)
+    positions, _ = rope_index_module(model).get_rope_index(
+        input_ids=prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
+        image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, U, P)  # fmt: skip
+    start = positions.masked_fill(~prompt_valid, -1).amax(dim=(0, 2)) + 1  # (U,)
+    response_positions = (start.view(U, 1, 1) + torch.arange(T, device=device)).repeat(1, G, 1).view(1, U, G * T).expand(3, -1, -1)
+    # the mask (U, 1, L, L), L = P + G*T: True where a query may attend a key
+    L = P + G * T
+    key_valid = torch.cat([prompt_valid, attended.view(U, G * T)], dim=1)  # (U, L)
+    segment = torch.cat([torch.full((P,), -1), torch.arange(G).repeat_interleave(T)]).to(device)  # -1: the prompt
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    visible = causal & ((segment.view(1, L) == -1) | (segment.view(L, 1) == segment.view(1, L)))  # (L, L)
+    allowed = visible & key_valid.view(U, 1, L)  # (U, L, L)
+    allowed |= torch.eye(L, dtype=torch.bool, device=device) & ~allowed.any(-1, keepdim=True)  # a padding query: itself
+    dtype = next(unwrap(model).parameters()).dtype
+    attention = torch.zeros(U, 1, L, L, dtype=dtype, device=device).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    inputs = {**prompt, "input_ids": torch.cat([prompt["input_ids"], packed_ids], dim=1),
+              "attention_mask": attention, "position_ids": torch.cat([positions, response_positions], dim=2),
+              "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(packed_ids).to(
+                  prompt["mm_token_type_ids"].dtype)], dim=1)}  # fmt: skip
+    # the logits that predict response j's token t: at the prompt's last position for t = 0, else at its token t - 1
+    predicting = torch.tensor([P - 1 if t == 0 else P + j * T + t - 1 for j in range(G) for t in range(T)], device=device)
+    logits, hidden = forward_keeping(model, inputs, predicting, hidden_states)  # (U, G*T, V)
+    used = slot_used.view(U * G).nonzero().squeeze(1)  # the packed slots that hold a row, in row order
+    logits = logits.reshape(U * G, T, -1)[used]
+    return logits, hidden.reshape(U * G, T, -1)[used] if hidden is not None else None
 
 
 # Where each family keeps its vision encoder (transformers attribute names): Qwen2-VL, Qwen2.5-VL, Qwen3-VL

@@ -242,6 +242,63 @@ def test_training_logprobs_equal_the_sampling_distribution_of_generate(tiny_vlm,
     assert torch.allclose(trained[on], sampled[on], atol=1e-4)
 
 
+@pytest.mark.parametrize("hidden_states", [False, True])
+def test_rows_sharing_a_prompt_score_as_one_row_each_within_1e_5_gradients_too(tiny_vlm, make_prompts, hidden_states):
+    # groups of 3, 2 and 1 rows with one prompt each (left-padded to different lengths), responses of different
+    # lengths, EOS-padded: packed into one row per prompt (common.vlm.shared_prompt_forward) they must give what
+    # scoring each row alone gives (one_row_each_forward), the log-probs, the hidden states and the gradients
+    from common.vlm import one_row_each_forward, shared_prompt_runs
+
+    model, processor = tiny_vlm
+    eos, suppressed = ids(processor, "<|im_end|>"), suppressed_token_ids(processor)
+    prompts = take_rows(make_prompts(QUESTIONS), [0, 0, 0, 1, 1, 2])
+    assert shared_prompt_runs(model, prompts) == [3, 2, 1]
+    torch.manual_seed(0)
+    responses = torch.randint(10, 60, (6, 5))
+    responses[0, 2:], responses[3, 4:], responses[4, 0] = eos, eos, eos  # lengths 3, 5, 5, 5, 1, 5
+    mask = response_mask(responses, eos)
+
+    def scored(shared: bool):
+        model.zero_grad(set_to_none=True)
+        if shared:
+            out = response_logprobs(model, prompts, responses, mask, suppressed, 0.7, hidden_states)
+        else:
+            rows = [one_row_each_forward(model, take_rows(prompts, [i]), responses[i : i + 1], mask[i : i + 1],
+                                         hidden_states) for i in range(6)]  # fmt: skip
+            logits = torch.cat([r[0] for r in rows]).float() / 0.7
+            logits[..., suppressed] = float("-inf")
+            out = torch.log_softmax(logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1) * mask
+            out = (out, torch.cat([r[1] for r in rows])) if hidden_states else out
+        logprobs, hidden = out if hidden_states else (out, None)
+        loss = (logprobs * torch.linspace(-1, 1, 6).view(6, 1)).sum()
+        loss = loss + (hidden * mask.unsqueeze(-1)).sum() if hidden_states else loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return logprobs.detach(), hidden.detach() if hidden_states else None, grads
+
+    shared, alone = scored(True), scored(False)
+    torch.testing.assert_close(shared[0], alone[0], atol=1e-5, rtol=0)
+    assert (shared[0][mask.bool()] < 0).all() and (shared[0][~mask.bool()] == 0).all()
+    if hidden_states:  # where the mask is on (after it, a row alone numbers the unattended tokens 1, packed t)
+        torch.testing.assert_close(shared[1][mask.bool()], alone[1][mask.bool()], atol=1e-5, rtol=1e-5)
+    assert shared[2].keys() == alone[2].keys() and any("visual" in name for name in shared[2])
+    for name in shared[2]:
+        shared_grad, alone_grad = shared[2][name], alone[2][name]  # within 1e-5 of the tensor's largest (rounding)
+        assert (shared_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max() + 1e-7, name
+
+
+def test_rows_with_different_prompts_or_images_are_not_shared(tiny_vlm, make_prompts):
+    from common.vlm import shared_prompt_runs
+
+    model, processor = tiny_vlm
+    prompts = make_prompts(QUESTIONS)
+    assert shared_prompt_runs(model, prompts) is None  # three prompts, one row each: nothing to share
+    same_text = make_prompts([QUESTIONS[0]] * 2)  # one question, the tokens alike, over two different scenes
+    assert torch.equal(same_text["input_ids"][0], same_text["input_ids"][1])
+    assert shared_prompt_runs(model, same_text) is None
+
+
 def test_sampling_never_emits_a_suppressed_token(tiny_vlm, make_prompts):
     model, processor = tiny_vlm
     torch.manual_seed(0)
