@@ -44,6 +44,8 @@ class Args:
     """vocabulary (tied input/output embedding)"""
     seed: int = 1
     """seed for the random weights and gradients"""
+    deepspeed: bool = True
+    """compare DeepSpeedCPUAdam too (when installed; its op builds on first use, a few minutes)"""
 
 
 def model_weights(args: Args) -> list[torch.Tensor]:
@@ -111,6 +113,8 @@ def main(args: Args):
           f"mean of {args.steps} steps after {args.warmup_steps} warm-up\n")  # fmt: skip
     rows = {}
     for name, build in CHOICES.items():
+        if name == "DeepSpeedCPUAdam" and not args.deepspeed:
+            continue
         rows[name] = measure(build, start, args)
         print(f"{name}: {'not installed' if rows[name] is None else f'{rows[name][0]:.2f} ns/parameter'}", flush=True)
     reference = rows["--optimizer adamw"][3]  # torch.optim.AdamW, as the scripts make it
@@ -126,7 +130,7 @@ def main(args: Args):
         else:
             state = f"{state:.2f}"
         print(f"| {name} | {ns:.2f} | {cores:.2f} | {state} | {distance(weights, reference, start):.3f} |")
-    offload, deepspeed = rows["--optimizer adamw8bit-offload"], rows["DeepSpeedCPUAdam"]
+    offload, deepspeed = rows["--optimizer adamw8bit-offload"], rows.get("DeepSpeedCPUAdam")
     if deepspeed is not None:
         print(f"\nadamw8bit-offload / DeepSpeedCPUAdam: {offload[0] / deepspeed[0]:.2f}x the time per parameter")
     print("\nstate: the optimizer's tensors in CPU memory (common/optim.py memory_bytes)")

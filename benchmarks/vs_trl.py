@@ -45,6 +45,8 @@ class Args:
     """steps between held-out evaluations, in both runs"""
     eval_size: int = 200
     """held-out examples"""
+    model: str = "tiny"
+    """the policy both start from: the embedded tiny VLM (warm-started), or a checkpoint directory"""
     out: str = "runs/vs_trl"
     """where both runs write (ours: <out>/ours/<run>/metrics.jsonl; TRL's: <out>/trl/metrics.jsonl) and their logs"""
     only: str = ""
@@ -66,7 +68,7 @@ def measured(command: list[str], log: Path) -> tuple[int, float, float]:
 def ours_command(args: Args) -> list[str]:
     return [sys.executable, "algos/grpo_vlm.py", "--task", "counting", "--total-steps", str(args.steps), "--seed",
             str(args.seed), "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
-            "--output-dir", str(Path(args.out) / "ours")]  # fmt: skip
+            "--model", args.model, "--output-dir", str(Path(args.out) / "ours")]  # fmt: skip
 
 
 def trl_worker(args: Args):
@@ -81,13 +83,15 @@ def trl_worker(args: Args):
     from common.policy import load_data
     from common.tasks import get_task
     from common.tiny_vlm import tiny_model_dir, tiny_processor
-    from common.vlm import suppressed_token_ids
+    from common.vlm import load_processor, suppressed_token_ids
 
     ours, task = GRPOArgs(), get_task("counting")
     torch.manual_seed(args.seed)
-    train, held_out = load_data("counting", None, ours.train_size, args.eval_size, "tiny", None, None,
+    train, held_out = load_data("counting", None, ours.train_size, args.eval_size, args.model, None, None,
                                 ours.max_prompt_tokens, check_rows=ours.prompts_per_step)  # fmt: skip
-    model_dir, processor = tiny_model_dir("counting"), tiny_processor("counting")
+    tiny = args.model == "tiny"
+    model_dir = tiny_model_dir("counting") if tiny else args.model
+    processor = tiny_processor("counting") if tiny else load_processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": e.question}], "image": e.image,
                                   "answer": e.answer} for e in train])  # fmt: skip
@@ -167,7 +171,7 @@ def main(args: Args):
     rss = json.loads(rss_file.read_text()) if rss_file.exists() else {}
     runs = {"ours": ours_command(args), "trl": [sys.executable, __file__, "--trl-worker", "--out", str(out),
             "--steps", str(args.steps), "--seed", str(args.seed), "--eval-every", str(args.eval_every),
-            "--eval-size", str(args.eval_size)]}  # fmt: skip
+            "--eval-size", str(args.eval_size), "--model", args.model]}  # fmt: skip
     for name, command in runs.items():
         if args.only and name != args.only:
             continue

@@ -373,11 +373,13 @@ def rope_index_module(model):
 def shared_prompt_runs(model, prompts) -> list[int] | None:
     """The lengths of the runs of consecutive rows whose prompt, image included, is the same (a rollout's G responses
     to one prompt), when there is one longer than 1 and shared_prompt_forward serves this model: a Qwen-VL family
-    (M-RoPE positions from get_rope_index), one image per row, attention through sdpa or eager (a 4-D mask). Else None."""
-    config = unwrap(model).config
-    if rope_index_module(model) is None or "images_per_row" in prompts or "mm_token_type_ids" not in prompts:
+    (M-RoPE positions from get_rope_index), one image per row, attention through sdpa or eager (a 4-D mask).
+    Else None."""
+    if rope_index_module(model) is None or "images_per_row" in prompts:
         return None
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    if "mm_token_type_ids" not in prompts or "image_grid_thw" not in prompts:
+        return None
+    if getattr(unwrap(model).config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return None
     ids, grid = prompts["input_ids"], prompts["image_grid_thw"]
     if len(grid) != len(ids):
@@ -385,8 +387,7 @@ def shared_prompt_runs(model, prompts) -> list[int] | None:
     blocks = prompts["pixel_values"].split(grid.prod(-1).tolist())
     runs = [1]
     for i in range(1, len(ids)):
-        same = torch.equal(ids[i], ids[i - 1]) and torch.equal(grid[i], grid[i - 1]) and torch.equal(blocks[i], blocks[i - 1])
-        if same:
+        if all(torch.equal(x[i], x[i - 1]) for x in (ids, prompts["attention_mask"], grid, blocks)):
             runs[-1] += 1
         else:
             runs.append(1)
@@ -404,7 +405,8 @@ def shared_prompt_forward(model, prompts, response_ids, mask, runs: list[int], h
     first = [0, *itertools.accumulate(runs)][:-1]  # each run's first row
     prompt = take_rows(prompts, first)  # (U, P) and one image per run
     # where each response sits in the packed rows: run u's j-th response is row first[u] + j, slot j of row u
-    slot_rows = torch.tensor([first[u] + j if j < runs[u] else first[u] for u in range(U) for j in range(G)], device=device)
+    slot_rows = [first[u] + j if j < runs[u] else first[u] for u in range(U) for j in range(G)]  # U*G rows
+    slot_rows = torch.tensor(slot_rows, device=device)
     slot_used = torch.tensor([j < runs[u] for u in range(U) for j in range(G)], device=device).view(U, G, 1)
     packed_ids = response_ids[slot_rows].view(U, G * T)
     attended = (attended_positions(mask)[slot_rows].view(U, G, T) * slot_used).bool()  # (U, G, T)
@@ -414,7 +416,8 @@ def shared_prompt_forward(model, prompts, response_ids, mask, runs: list[int], h
         input_ids=prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
         image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, U, P)  # fmt: skip
     start = positions.masked_fill(~prompt_valid, -1).amax(dim=(0, 2)) + 1  # (U,)
-    response_positions = (start.view(U, 1, 1) + torch.arange(T, device=device)).repeat(1, G, 1).view(1, U, G * T).expand(3, -1, -1)
+    response_positions = (start.view(U, 1, 1) + torch.arange(T, device=device)).repeat(1, G, 1)  # (U, G, T)
+    response_positions = response_positions.view(1, U, G * T).expand(3, -1, -1)
     # the mask (U, 1, L, L), L = P + G*T: True where a query may attend a key
     L = P + G * T
     key_valid = torch.cat([prompt_valid, attended.view(U, G * T)], dim=1)  # (U, L)
