@@ -3,7 +3,7 @@ data, rule reward and hyperparameters, each run in its own process. Prints the m
 the held-out accuracy at equal wall time and at the end, and each ratio ours / TRL's.
 
     pip install -r requirements-bench.txt      # trl, a benchmark-only requirement
-    python benchmarks/vs_trl.py                # 400 steps each: ~20 minutes on a 2-core CPU
+    python benchmarks/vs_trl.py                # 400 steps each: ~25 minutes on a 2-core CPU
     python benchmarks/vs_trl.py --steps 50     # a quick look
 
 Matched, set explicitly on TRL's side: prompts × G per step (TRL counts completions: 16 × 8 = 128 per optimizer step,
@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -49,8 +50,8 @@ class Args:
     """the policy both start from: the embedded tiny VLM (warm-started), or a checkpoint directory"""
     out: str = "runs/vs_trl"
     """where both runs write (ours: <out>/ours/<run>/metrics.jsonl; TRL's: <out>/trl/metrics.jsonl) and their logs"""
-    only: str = ""
-    """'ours' or 'trl': run that one and read the other's metrics from --out (after an interrupted comparison)"""
+    only: Literal["both", "ours", "trl"] = "both"
+    """run that one only and read the other's metrics and peak RSS from --out (after an interrupted comparison)"""
     trl_worker: bool = False
     """(internal) run TRL's trainer in this process"""
 
@@ -173,7 +174,7 @@ def main(args: Args):
             "--steps", str(args.steps), "--seed", str(args.seed), "--eval-every", str(args.eval_every),
             "--eval-size", str(args.eval_size), "--model", args.model]}  # fmt: skip
     for name, command in runs.items():
-        if args.only and name != args.only:
+        if args.only not in ("both", name):
             continue
         print(f"{name}: {' '.join(command[1:])}  (log: {out / f'{name}.log'})", flush=True)
         returncode, wall, peak = measured(command, out / f"{name}.log")
