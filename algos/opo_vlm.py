@@ -29,6 +29,7 @@ from common.optim import make_optimizer, memory_plan  # noqa: E402
 from common.policy import Sampler, gradient_accumulation, batch_logprobs, load_data, load_policy  # noqa: E402
 from common.rollout import make_rollout_engine  # noqa: E402
 from common.runs import Run  # noqa: E402
+from common.reward import Reward, load_reward_model  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from common.tiny_vlm import tiny_model_dir  # noqa: E402
 from common.vlm import box_frame  # noqa: E402
@@ -130,19 +131,21 @@ def train(run: Run):
     rollout_engine = make_rollout_engine(args.rollout_engine, model_path, processor, getattr(torch, args.dtype),
                                          args.seed, max_model_len, args.max_turns)  # fmt: skip
     engine_bytes = rollout_engine.memory_bytes(model) if rollout_engine is not None else None
-    print(memory_plan(model, optimizer, reference, engine_bytes))  # each tensor once: a LoRA reference is the policy
+    reward_model = load_reward_model(args.reward_model, args.reward_kind, task, getattr(torch, args.dtype), device,
+                                     args.reward_batch_size, args.reward_max_tokens)  # None: the rule  # fmt: skip
+    print(memory_plan(model, optimizer, reference, engine_bytes, reward_model))  # each tensor counted once
     sampler = Sampler(model, processor, rollout_engine, task.tools, device, args.max_new_tokens,
                       args.max_prompt_tokens, args.temperature, args.max_turns, args.train_turns)  # fmt: skip
-    reward_fn = task.reward_fn(box_frame(model, processor))  # grounding: boxes in the family's frame
+    # the task's rule (grounding's reads boxes in the family's frame) or --reward-model's score: common/reward.py
+    reward = Reward(task, box_frame(model, processor), args.format_reward, reward_model, args.reward_mix)
 
     def evaluate():  # held-out metrics (eval/accuracy, ...) of greedy responses
-        return sampler.evaluate(eval_examples, reward_fn, task.summarize)
+        return sampler.evaluate(eval_examples, reward)
 
     def rollout(examples):  # G responses (or episodes) to each prompt, rows p0 x G, p1 x G, ..., and their rewards
         batch = sampler.sample(examples, args.group_size)
-        answers = [e.answer for e in batch.examples]
-        batch.rewards = torch.tensor([reward_fn(c, a, args.format_reward) for c, a in zip(batch.completions, answers)])
-        return batch  # rewards: (B*G,)
+        batch.rewards = reward(batch)  # (B*G,)
+        return batch
 
     run.start(model, processor, optimizer, evaluate, reference_fingerprint)
 

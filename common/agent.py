@@ -176,9 +176,16 @@ def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, m
                    tools: dict | None = None, max_turns: int = 1):  # fmt: skip
     """The reward of each example's greedy response (evaluation: no sampling noise, no format bonus); with tools, of
     its greedy episode's last turn (run_episodes)."""
+    texts = greedy_completions(model, processor, examples, max_new_tokens, max_prompt_tokens, batch_size, tools, max_turns)
+    return [reward_fn(t, e.answer) for t, e in zip(texts, examples)]
+
+
+def greedy_completions(model, processor, examples, max_new_tokens: int, max_prompt_tokens: int, batch_size=100,
+                       tools: dict | None = None, max_turns: int = 1) -> list[str]:  # fmt: skip
+    """Each example's greedy response (evaluation), or with tools its greedy episode's last turn (run_episodes)."""
     was_training = model.training
     model.eval()
-    rewards = []
+    completions = []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
         images = [e.image for e in batch]
@@ -189,9 +196,9 @@ def greedy_rewards(model, processor, examples, reward_fn, max_new_tokens: int, m
         else:
             response_ids = generate(model, processor, prompts, 1, max_new_tokens, 1.0, greedy=True)
             texts = processor.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        rewards += [reward_fn(t, e.answer) for t, e in zip(texts, batch)]
+        completions += texts
     model.train(was_training)
-    return rewards
+    return completions
 
 
 def episode_batch(prompts, episodes: list[Episode], eos_id: int, train_turns: str = "all"):

@@ -108,6 +108,20 @@ class SharedArgs:
     """who samples the rollouts: hf (HF generate), vllm (a vLLM engine co-located with the trainer, asleep while it
     trains) or auto (vLLM when it is installed and there is a GPU, else HF generate); one printed line says which"""
 
+    # Reward (docs/rewards.md)
+    reward_model: str | None = None
+    """a model as the reward instead of the task's rule: a judge VLM or a classifier (hub id or checkpoint dir), or
+    'tiny-judge' (the task's embedded tiny judge, built and cached on first use); the rule is still logged beside it"""
+    reward_kind: Literal["judge", "classifier"] = "judge"
+    """judge: a generative VLM's P(yes) to the task's judge prompt (image, question, response); classifier: an
+    AutoModelForSequenceClassification reward model's score"""
+    reward_mix: Literal["model", "format-gate"] = "model"
+    """model: the reward model's score alone; format-gate: its score where the task's parser reads an answer, else 0
+    (the rule gates the format, the model scores the content)"""
+    reward_batch_size: int = 64
+    """responses per reward-model forward pass (no gradients)"""
+    reward_max_tokens: int = 1024
+    """longest reward-model input, image tokens included (never truncated: too long is an error)"""
 
     def check(self):
         """The shared flags, before anything loads: the first bad one ends the run with one line that names the fix.
@@ -131,6 +145,12 @@ class SharedArgs:
             (not 0 <= self.format_reward < 1,
              f"--format-reward {self.format_reward}: use 0 <= it < 1 (a right answer earns 1)"),
             (self.save_every < 0, f"--save-every {self.save_every}: use 0 (no checkpoints) or more"),
+            (self.reward_model is not None and self.format_reward > 0,
+             "--format-reward is the rule's bonus: with --reward-model, --reward-mix format-gate rewards the format"),
+            (self.reward_model is None and self.reward_mix != "model",
+             f"--reward-mix {self.reward_mix} mixes a reward model with the rule: add --reward-model"),
+            (self.reward_batch_size < 1, f"--reward-batch-size {self.reward_batch_size}: use 1 or more"),
+            (self.reward_max_tokens < 1, f"--reward-max-tokens {self.reward_max_tokens}: allow 1 or more"),
             (self.lora_rank < 1, f"--lora-rank {self.lora_rank}: use 1 or more"),
             (not 0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout}: use 0 <= it < 1"),
             (self.lora_merge and not self.lora, "--lora-merge merges LoRA adapters into the model: add --lora"),

@@ -169,10 +169,10 @@ class CPUOffloadAdamW8bit:
             p.copy_(master)
 
 
-MEMORY_ROLES = ("weights", "gradients", "optimizer state", "reference model", "rollout engine")
+MEMORY_ROLES = ("weights", "gradients", "optimizer state", "reference model", "rollout engine", "reward model")
 
 
-def memory_bytes(model, optimizer, ref_model=None, rollout_engine_bytes: int | None = None):
+def memory_bytes(model, optimizer, ref_model=None, rollout_engine_bytes: int | None = None, reward_model=None):
     """({device: {role: bytes}}, notes), counted from the tensors themselves (each tensor once). Gradients and
     torch AdamW's moments that do not exist yet are sized from the trainable weights, and a note says so."""
     usage, notes, seen = defaultdict(lambda: dict.fromkeys(MEMORY_ROLES, 0)), [], set()
@@ -209,6 +209,8 @@ def memory_bytes(model, optimizer, ref_model=None, rollout_engine_bytes: int | N
         add("reference model", ref_model.parameters())
     if rollout_engine_bytes:
         usage[str(next(model.parameters()).device)]["rollout engine"] += rollout_engine_bytes
+    if reward_model is not None:  # a judge or classifier (common/judges.py): its weights, no gradients
+        add("reward model", reward_model.model.parameters())
     return usage, notes
 
 
@@ -218,9 +220,9 @@ def local_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def memory_plan(model, optimizer, ref_model=None, rollout_engine_bytes: int | None = None) -> str:
+def memory_plan(model, optimizer, ref_model=None, rollout_engine_bytes: int | None = None, reward_model=None) -> str:
     """A printable table of memory_bytes in MiB, one column per device."""
-    usage, notes = memory_bytes(model, optimizer, ref_model, rollout_engine_bytes)
+    usage, notes = memory_bytes(model, optimizer, ref_model, rollout_engine_bytes, reward_model)
     devices = sorted(usage)
     lines = [f"{'memory plan (MiB)':<20}" + "".join(f"{d:>12}" for d in devices)]
     for role in MEMORY_ROLES:

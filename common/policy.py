@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.agent import episode_batch, greedy_rewards, run_episodes
+from common.agent import episode_batch, greedy_completions, run_episodes
 from common.dist import wrap
 from common.runs import weights_fingerprint
 from common.tasks import load_task
@@ -120,6 +120,9 @@ class Rollouts:
     advantages: torch.Tensor | None = None  # (N,), one per response, or (N, T), one per token (PPO)
     old_logprobs: torch.Tensor | None = None  # (N, T) under the sampling policy
     ref_logprobs: torch.Tensor | None = None  # (N, T) under the reference
+    rule_rewards: torch.Tensor | None = None  # (N,) the task's rule's (common/reward.py), logged beside a reward model
+    model_scores: torch.Tensor | None = None  # (N,) a reward model's, NaN where a judge gave no verdict
+    reward_seconds: torch.Tensor | None = None  # (N,) each row's share of the time spent scoring the batch
     old_values: torch.Tensor | None = None  # (N, T) the critic's (PPO)
     returns: torch.Tensor | None = None  # (N, T) the critic's targets (PPO)
 
@@ -199,14 +202,15 @@ class Sampler:
         return Rollouts(inputs, response_ids, mask, completions, rows, tool_calls, num_samples, self.suppressed_ids,
                         self.temperature)
 
-    def evaluate(self, examples: list, reward_fn, summarize) -> dict:
-        """Held-out metrics of greedy responses (episodes), summarize(rewards, "eval"), split over torchrun's ranks."""
+    def evaluate(self, examples: list, reward) -> dict:
+        """Held-out metrics of greedy responses (episodes) scored by `reward` (common/reward.py: the rule's eval/accuracy,
+        a reward model's eval/judge_agreement with it), split over torchrun's ranks."""
         def score(part):  # this rank's part of the examples
-            return greedy_rewards(self.model, self.processor, part, reward_fn, self.max_new_tokens,
-                                  self.max_prompt_tokens, tools=self.tools, max_turns=self.max_turns)  # fmt: skip
+            completions = greedy_completions(self.model, self.processor, part, self.max_new_tokens,
+                                             self.max_prompt_tokens, tools=self.tools, max_turns=self.max_turns)  # fmt: skip
+            return reward.evaluation(part, completions)
 
-        rewards = dist.map_over_ranks(score, examples)
-        return summarize(rewards, "eval")
+        return reward.summarize(dist.map_over_ranks(score, examples), "eval")
 
 
     def refill(self, batch: Rollouts, slots: list[int], new: Rollouts, informative: torch.Tensor) -> Rollouts:

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from common import dist
+from common.judges import model_metrics
 from common.tasks import get_task
 
 
@@ -389,6 +390,7 @@ class Run:
         every rank's rows). Evaluates when due, then saves a checkpoint when due or when a stop was asked for."""
         args, step_time = self.args, time.time() - self.step_start
         rewards, lengths = dist.gather(batch.rewards), dist.gather(batch.mask.sum(1))
+        rule = dist.gather(batch.rule_rewards) if batch.rule_rewards is not None else rewards  # the task's rule's
         tool_calls = dist.gather(batch.tool_calls)
         grouped = rewards.view(-1, batch.group_size)
         summed = {k: dist.all_sum(v) for k, v in (summed_over_ranks or {}).items()}
@@ -397,7 +399,7 @@ class Run:
             "time": round(time.time() - self.start_time, 2),
             "charts/reward_mean": rewards.mean().item(),
             "charts/reward_std": rewards.std().item(),
-            **self.task.summarize(rewards.tolist(), "charts"),  # charts/accuracy (+ charts/iou, charts/f1)
+            **self.task.summarize(rule.tolist(), "charts"),  # charts/accuracy (+ charts/iou, charts/f1), by the rule
             "charts/response_length": lengths.mean().item(),
             "charts/tool_calls": tool_calls.mean().item(),  # per episode (agentic tasks)
             "charts/zero_advantage_groups": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
@@ -406,6 +408,10 @@ class Run:
             **summed,
             **record,
         }
+        if batch.reward_seconds is not None:  # per rank: every rank scores its own rows
+            record["charts/reward_time"] = dist.gather(batch.reward_seconds).sum().item() / dist.world_size()
+        if batch.model_scores is not None:  # a reward model: how often it agrees with the rule
+            record.update(model_metrics(rule, dist.gather(batch.model_scores), self.task.success, "charts"))
         if self.step % args.eval_every == 0 or self.step == args.total_steps:
             self.last_eval = self.evaluate()
             record.update(self.last_eval)

@@ -915,6 +915,11 @@ class Task:
     tokenizer_text: Callable | None = None  # () -> list[str]: the prompts and answers its tokenizer is trained on
     ideal_response: Callable | None = None  # (example, box_frame) -> str: the shortest response earning 1 (imitated)
     ideal_turns: Callable | None = None  # (example) -> list[str]: an agentic task's shortest rewarded episode, turn by turn
+    # a model as the reward (--reward-model, common/reward.py)
+    parse: Callable | None = None  # (completion) -> the answer it gives, None if malformed (--reward-mix format-gate)
+    judge_template: str | None = None  # a judge's prompt after the image: {question}, {response}, {reference}
+    judge_warm_start: dict | None = None  # the tiny judge's (common/tiny_vlm.py): max_steps, batch_size, lr, target_agreement
+    wrong_answer: Callable | None = None  # (example, random.Random) -> a wrong answer: the tiny judge's "no" cases
 
     def reward_fn(self, box_frame=norm1000_frame):
         """The reward as (completion, answer, format_reward=0.0) -> float; a reward that reads boxes (grounding's)
@@ -933,6 +938,23 @@ class Task:
 
 # Budgets: the twins' total_steps take the tiny model ~10 min on 2 cores; MAT's (a GPU's) are a first guess, unmeasured.
 # PPO's: counting's measured (docs/ppo_vlm.md), the others scaled like it, untuned.
+# A judge's prompt: the image, then this, then its answer (common/judges.py). With the reference answer the judge
+# compares; without it (drop the line) it must see for itself whether the response is right, which a real judge
+# does and the tiny one learns too slowly here (docs/rewards.md).
+JUDGE_TEMPLATE = "{question}\nThe right answer: {reference}\nResponse: {response}\nIs the response right? Answer yes or no."
+TINY_JUDGE = dict(max_steps=300, batch_size=32, lr=1e-3, target_agreement=0.9)  # or stops at 90% agreement
+
+
+def wrong_count(example: Example, rng: random.Random) -> str:
+    """Another count the scene could have had (1 to 5)."""
+    return str(rng.choice([k for k in range(1, 6) if str(k) != example.answer]))
+
+
+def wrong_sum(example: Example, rng: random.Random) -> str:
+    """Another sum two numbers of 1 to MAX_ADDEND could have."""
+    return str(rng.choice([k for k in range(2, 2 * MAX_ADDEND + 1) if str(k) != example.answer]))
+
+
 MAT_HINT = "download MAT and pass --dataset DIR (docs/tasks.md#real-agentic-data-mat)"
 TASKS: dict[str, Task] = {
     task.name: task
@@ -940,22 +962,27 @@ TASKS: dict[str, Task] = {
         Task("counting", lambda split, n, image_size: counting_examples(split, n, SceneSpec(image_size=image_size)),
              counting_reward, max_new_tokens=8, total_steps=400, ppo_total_steps=150, load_real=CLEVR_COUNT.load,
              warm_start=dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35), tokenizer_text=counting_text,
-             ideal_response=answer_response),
+             ideal_response=answer_response, parse=parse_answer, judge_template=JUDGE_TEMPLATE,
+             judge_warm_start=TINY_JUDGE, wrong_answer=wrong_count),
         Task("math", math_examples, math_reward, max_new_tokens=8, total_steps=450, ppo_total_steps=170,
              load_real=GEOMETRY3K.load, warm_start=dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
-             tokenizer_text=math_text, ideal_response=boxed_response),
+             tokenizer_text=math_text, ideal_response=boxed_response, parse=parse_boxed, judge_template=JUDGE_TEMPLATE,
+             judge_warm_start=TINY_JUDGE, wrong_answer=wrong_sum),
         Task("grounding", grounding_examples, grounding_reward, max_new_tokens=24, total_steps=250, ppo_total_steps=95,
              success=0.5, metric="iou", load_real=REFCOCO.load,
              warm_start=dict(max_steps=600, batch_size=32, lr=1e-3, target_accuracy=0.30), tokenizer_text=grounding_text,
-             ideal_response=box_response),
+             ideal_response=box_response, parse=parse_box, judge_template=JUDGE_TEMPLATE),
         Task("zoom", zoom_examples, counting_reward, max_new_tokens=10, total_steps=300, ppo_total_steps=110,
              tools={"zoom": zoom_tool}, warm_start=dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.25),
-             tokenizer_text=zoom_text, ideal_response=answer_response, ideal_turns=zoom_turns),
+             tokenizer_text=zoom_text, ideal_response=answer_response, ideal_turns=zoom_turns, parse=parse_answer,
+             judge_template=JUDGE_TEMPLATE),
         # MAT's turns hold a thought and a tool call: 512 tokens each
         Task("mat-search", None, f1_reward, max_new_tokens=512, total_steps=200, ppo_total_steps=75, metric="f1",
-             tools={"search": search_tool}, load_real=functools.partial(load_mat, "mat-search"), dataset_hint=MAT_HINT),
+             tools={"search": search_tool}, load_real=functools.partial(load_mat, "mat-search"), dataset_hint=MAT_HINT,
+             parse=parse_answer, judge_template=JUDGE_TEMPLATE),
         Task("mat-coding", None, f1_reward, max_new_tokens=512, total_steps=400, ppo_total_steps=150, metric="f1",
-             tools={"python": python_tool}, load_real=functools.partial(load_mat, "mat-coding"), dataset_hint=MAT_HINT),
+             tools={"python": python_tool}, load_real=functools.partial(load_mat, "mat-coding"), dataset_hint=MAT_HINT,
+             parse=parse_answer, judge_template=JUDGE_TEMPLATE),
     ]
 }  # fmt: skip
 

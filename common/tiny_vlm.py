@@ -13,6 +13,7 @@ module builds deterministically on first use:
      low, so that what RL adds is measured from there.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from common import dist, tasks
 from common.agent import add_tool_turn, call_tool, episode_batch, greedy_rewards, parse_tool_call, start_episodes
+from common.judges import Judge
 from common.vlm import (
     Qwen2VLImageOnlyProcessor,
     build_prompts,
@@ -117,10 +119,12 @@ def train_tokenizer(
     return fast
 
 
-def tiny_processor(task: str = "counting", min_pixels: int | None = None, max_pixels: int | None = None):
+def tiny_processor(task: str = "counting", min_pixels: int | None = None, max_pixels: int | None = None,
+                   extra_text: tuple[str, ...] = ()):  # fmt: skip
     """The tiny model's processor (tokenizer, image processor, chat template), built in memory in milliseconds:
-    the same one its checkpoint saves, so the scripts can check their prompts before the model is built."""
-    tokenizer = train_tokenizer(TINY["vocab_size"], tokenizer_corpus(task))
+    the same one its checkpoint saves, so the scripts can check their prompts before the model is built.
+    extra_text: more text for its tokenizer (the tiny judge's prompts)."""
+    tokenizer = train_tokenizer(TINY["vocab_size"], tokenizer_corpus(task) + list(extra_text))
     size = TINY["image_size"]
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=TINY["vision"]["patch_size"], merge_size=TINY["vision"]["spatial_merge_size"],
@@ -131,9 +135,9 @@ def tiny_processor(task: str = "counting", min_pixels: int | None = None, max_pi
     return processor
 
 
-def build_random_tiny_vlm(out_dir: str, task: str = "counting"):
+def build_random_tiny_vlm(out_dir: str, task: str = "counting", extra_text: tuple[str, ...] = ()):
     """Tokenizer + processor + randomly initialised Qwen2-VL, saved with save_pretrained. Deterministic."""
-    processor = tiny_processor(task)
+    processor = tiny_processor(task, extra_text=extra_text)
     tokenizer = processor.tokenizer
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen2VLConfig(
@@ -204,32 +208,125 @@ def ideal_episodes(processor, prompts, examples, task: str, tools: dict):
     return episode_batch(prompts, episodes, processor.tokenizer.eos_token_id)
 
 
+def judge_examples(task: str, split: str, n: int, seed: int) -> tuple[list, list[str], list[bool]]:
+    """(examples, responses, is each right) for the tiny judge: n examples of the task's split, each with its ideal
+    response (right, half of them), a wrong answer in the ideal format (2/5) or a malformed one (1/10)."""
+    record, rng = tasks.get_task(task), random.Random(seed)
+    examples, responses, right = tasks.load_task(task, split, n, image_size=TINY["image_size"]), [], []
+    for e in examples:
+        u = rng.random()
+        if u < 0.5:
+            responses.append(record.ideal_response(e))
+        elif u < 0.9:
+            responses.append(record.ideal_response(dataclasses.replace(e, answer=record.wrong_answer(e, rng))))
+        else:
+            responses.append(rng.choice(["", e.answer, "<answer></answer>", f"<answer>{e.answer}", "answer"]))
+        right.append(u < 0.5)
+    return examples, responses, right
+
+
+def judge_text(task: str) -> list[str]:
+    """What the tiny judge's tokenizer learns besides the policy's text: its prompts and verdicts."""
+    template = tasks.get_task(task).judge_template
+    examples, responses, _ = judge_examples(task, "warmstart", 100, 1)
+    return [template.format(question=e.question, response=r, reference=e.answer) for e, r in zip(examples, responses)] + ["yes", "no"]
+
+
+def judge_warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: float, target_agreement: float,
+                     log=print):  # fmt: skip
+    """Supervised fine-tuning of the verdict ("yes" / "no", then EOS) to the judge prompt on the task's 'warmstart'
+    split, until the judge agrees with the rule on 200 more warmstart responses (never the held-out set)
+    `target_agreement` of the time, or `max_steps`; saves in place. (It stays near chance at this size: docs/rewards.md.)"""
+    torch.manual_seed(0)
+    model, processor = load_vlm(model_dir)
+    record, tok = tasks.get_task(task), processor.tokenizer
+    examples, responses, right = judge_examples(task, "warmstart", max_steps * batch_size + 200, 0)
+    template = record.judge_template
+    prompts = [template.format(question=e.question, response=r, reference=e.answer) for e, r in zip(examples, responses)]
+    judge, validation = Judge(model, processor, template, 100, 4096), slice(len(examples) - 200, len(examples))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(1, max_steps + 1):
+        rows = range((step - 1) * batch_size, step * batch_size)
+        inputs = build_prompts(processor, [examples[i].image for i in rows], [prompts[i] for i in rows], 4096)
+        targets = [("yes" if right[i] else "no") + tok.eos_token for i in rows]
+        target_ids = tok(targets, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
+        target_ids[target_ids == tok.pad_token_id] = tok.eos_token_id
+        mask = response_mask(target_ids, tok.eos_token_id)
+        model.train()
+        loss = -response_logprobs(model, inputs, target_ids, mask, suppressed_token_ids(processor)).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == max_steps:
+            scores = judge.scores(examples[validation], responses[validation])
+            agreement = ((scores >= 0.5) == torch.tensor(right[validation])).float().mean().item()
+            log(f"judge warm start step {step}: loss {loss.item():.3f}, agreement {agreement:.3f}")
+            if agreement >= target_agreement:
+                break
+    model.save_pretrained(model_dir)
+
+
 def tiny_model_dir(task: str) -> str:
     """Path of the embedded tiny VLM warm-started for `task`; built on first use, then cached. Under torchrun rank 0
     builds it while the other ranks wait."""
     return dist.rank0_first(cached_tiny_model_dir, task)
 
 
+def tiny_judge_dir(task: str) -> str:
+    """Path of the embedded tiny judge of `task` (--reward-model tiny-judge): a tiny Qwen2-VL of the same size,
+    warm-started to answer whether a response is right for its image (judge_warm_start); built on first use, then
+    cached, like the tiny policy."""
+    return dist.rank0_first(cached_tiny_judge_dir, task)
+
+
+def warmstart_images(task: str) -> str:
+    """The warm start's first images stand for how the task draws its data: a change there rebuilds the model."""
+    return hashlib.sha256(b"".join(e.image.tobytes() for e in tasks.load_task(task, "warmstart", 16))).hexdigest()
+
+
 def cached_tiny_model_dir(task: str) -> str:
     record = task_with_tiny_model(task)
-    # the warm start's first images stand for how the task draws its data: a change there rebuilds the model
-    images = hashlib.sha256(b"".join(e.image.tobytes() for e in tasks.load_task(task, "warmstart", 16))).hexdigest()
-    recipe = [TINY, record.warm_start, task, CHAT_TEMPLATE, tokenizer_corpus(task), images]
+    recipe = [TINY, record.warm_start, task, CHAT_TEMPLATE, tokenizer_corpus(task), warmstart_images(task)]
+
+    def build(out_dir):
+        build_random_tiny_vlm(out_dir, task)
+        warm_start(out_dir, task, **record.warm_start)
+
+    return cached_build(f"tiny-qwen2-vl-{task}", recipe, build, f"the embedded tiny VLM for '{task}'")
+
+
+def cached_tiny_judge_dir(task: str) -> str:
+    record = task_with_tiny_model(task)
+    if record.judge_warm_start is None or record.wrong_answer is None:
+        raise SystemExit(f"--reward-model tiny-judge: --task {task} has no tiny judge (counting and math do): pass a "
+                         "judge checkpoint (docs/rewards.md)")  # fmt: skip
+    text = judge_text(task)
+    recipe = ["judge", TINY, record.judge_warm_start, task, CHAT_TEMPLATE, tokenizer_corpus(task), text,
+              warmstart_images(task)]  # fmt: skip
+
+    def build(out_dir):
+        build_random_tiny_vlm(out_dir, task, tuple(text))
+        judge_warm_start(out_dir, task, **record.judge_warm_start)
+
+    return cached_build(f"tiny-judge-qwen2-vl-{task}", recipe, build, f"the embedded tiny judge for '{task}'")
+
+
+def cached_build(name: str, recipe: list, build, what: str) -> str:
+    """<cache>/<name>-<hash of recipe>, built by build(dir) unless it is there already (a DONE file says so)."""
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     cache = os.environ.get("VLRL_CACHE", os.path.expanduser("~/.cache/vlrl"))
-    path = os.path.join(cache, f"tiny-qwen2-vl-{task}-{key}")
+    path = os.path.join(cache, f"{name}-{key}")
     if os.path.exists(os.path.join(path, "DONE")):
         return path
     t0 = time.time()
-    print(f"building the embedded tiny VLM for '{task}' in {path} (once; cached afterwards)")
+    print(f"building {what} in {path} (once; cached afterwards)")
     remove_stale_builds(path)
     tmp = f"{path}.tmp{os.getpid()}"  # build aside, then rename: an interrupted build leaves no half model
     try:
         # the build seeds torch itself; fork_rng gives the caller its random state back, so that a run that builds
         # the model samples exactly what the same run with the model already cached does
         with torch.random.fork_rng():
-            build_random_tiny_vlm(tmp, task)
-            warm_start(tmp, task, **record.warm_start)
+            build(tmp)
         open(os.path.join(tmp, "DONE"), "w").write(f"built in {time.time() - t0:.1f}s\n")
     except BaseException:  # Ctrl-C (KeyboardInterrupt) included: nothing would ever remove the folder
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,14 +43,16 @@ def image_only_processor_class(model_type: str):
 Qwen2VLImageOnlyProcessor = image_only_processor_class("qwen2_vl")  # the embedded tiny model's (common/tiny_vlm.py)
 
 
-def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    model_type = vision_language_model_type(path)
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None, flag: str = "--model"):
+    """The checkpoint's processor (left padding; --min/--max-pixels applied). flag: the option that named `path`, for
+    the error lines (--model, --reward-model)."""
+    model_type = vision_language_model_type(path, flag)
     try:
         processor = auto_processor(path, model_type)
     except (OSError, ValueError) as e:
-        raise could_not_load(path, e)
+        raise could_not_load(path, e, flag)
     if not hasattr(processor, "image_processor"):
-        raise SystemExit(f"'{path}' has no image processor: pass a vision-language checkpoint")
+        raise SystemExit(f"{flag} '{path}' has no image processor: pass a vision-language checkpoint")
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     # not from_pretrained(min_pixels=, max_pixels=): the tokenizer would save them too, and override vLLM's size later
     set_image_size_limits(processor, min_pixels, max_pixels)
@@ -70,34 +72,34 @@ def auto_processor(path: str, model_type: str):
         return image_only_processor_class(model_type).from_pretrained(path)
 
 
-def vision_language_model_type(model: str) -> str:
+def vision_language_model_type(model: str, flag: str = "--model") -> str:
     """The model_type of --model, read from its config before anything else loads, so that what cannot be a VLM
     exits with one line saying why (the processor's and the weights' errors speak of missing files)."""
     # `org/name` is a hub id; a path that is not a directory is a typo, not something to look up on the hub
     is_path = os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
     if is_path and not os.path.isdir(model):
-        raise SystemExit(f"--model '{model}' is not a directory; pass an existing checkpoint dir or a hub id")
+        raise SystemExit(f"{flag} '{model}' is not a directory; pass an existing checkpoint dir or a hub id")
     try:
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
         if offline and not os.path.isdir(model) and not isinstance(try_to_load_from_cache(model, "config.json"), str):
             raise SystemExit(
-                f"--model '{model}': not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it while online "
+                f"{flag} '{model}': not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it while online "
                 f"(hf download {model}) or pass a local dir"
             )
         model_type = AutoConfig.from_pretrained(model).model_type
     except (OSError, ValueError) as e:
-        raise could_not_load(model, e)
+        raise could_not_load(model, e, flag)
     if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise SystemExit(
-            f"--model '{model}' is a {model_type} checkpoint without a vision encoder: pass a vision-language checkpoint "
+            f"{flag} '{model}' is a {model_type} checkpoint without a vision encoder: pass a vision-language checkpoint "
             "(README: Models)"
         )
     return model_type
 
 
-def could_not_load(model: str, error: Exception) -> SystemExit:
+def could_not_load(model: str, error: Exception, flag: str = "--model") -> SystemExit:
     reason = str(error).splitlines()[0]  # the whole first line: a line cut mid-word hides what to do
-    return SystemExit(f"could not load --model '{model}': {reason} (pass a vision-language checkpoint dir or hub id)")
+    return SystemExit(f"could not load {flag} '{model}': {reason} (pass a vision-language checkpoint dir or hub id)")
 
 
 def set_image_size_limits(processor, min_pixels: int | None, max_pixels: int | None):
@@ -124,13 +126,15 @@ def set_image_size_limits(processor, min_pixels: int | None, max_pixels: int | N
     image_processor.size = size
 
 
-def load_vlm(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels=None, max_pixels=None):
-    """(model, processor) from a hub id or a local directory. min_pixels/max_pixels: see set_image_size_limits."""
-    processor = load_processor(model, min_pixels, max_pixels)
+def load_vlm(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels=None, max_pixels=None,
+             flag: str = "--model"):  # fmt: skip
+    """(model, processor) from a hub id or a local directory. min_pixels/max_pixels: see set_image_size_limits.
+    flag: the option that named `model`, for the error lines."""
+    processor = load_processor(model, min_pixels, max_pixels, flag)
     try:
         vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
-        raise could_not_load(model, e)
+        raise could_not_load(model, e, flag)
     return vlm, processor
 
 
@@ -201,8 +205,9 @@ def suppressed_token_ids(processor) -> list[int]:
     return sorted(special - {stop_token_id(processor)})
 
 
-def build_prompts(processor, images, questions, max_prompt_tokens: int):
-    """Chat-template prompts with one image each, tokenised and left-padded into one batch."""
+def build_prompts(processor, images, questions, max_prompt_tokens: int, flag: str = "--max-prompt-tokens"):
+    """Chat-template prompts with one image each, tokenised and left-padded into one batch. flag: the option that
+    bounds them, for the error line."""
     texts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
@@ -215,8 +220,8 @@ def build_prompts(processor, images, questions, max_prompt_tokens: int):
     longest = int(batch["attention_mask"].sum(1).max())
     if longest > max_prompt_tokens:
         raise SystemExit(
-            f"a prompt has {longest} tokens (image tokens included) > --max-prompt-tokens {max_prompt_tokens}; "
-            "truncating would cut image tokens: raise --max-prompt-tokens or lower --max-pixels"
+            f"a prompt has {longest} tokens (image tokens included) > {flag} {max_prompt_tokens}; "
+            f"truncating would cut image tokens: raise {flag} or lower --max-pixels"
         )
     return batch
 

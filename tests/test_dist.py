@@ -40,7 +40,7 @@ TORCHRUN_ONLY = [("dapo-dynamic", "algos/dapo_vlm.py", ["--max-resample-rounds",
 DDP_RUNS = {"grpo-uneven", "grpo-none", "gspo-none", "ppo", "grpo-lora", "grpo-frozen"}
 assert DDP_RUNS <= {name for name, *_ in RUNS}, DDP_RUNS - {name for name, *_ in RUNS}  # a typo would drop a run
 ONE_MINIBATCH = {"gspo": ["--num-minibatches", "1"], "ppo": ["--num-minibatches", "1"]}  # a minibatch split is per rank
-IGNORED = {"time", "charts/step_time", "charts/tokens_per_second"}
+IGNORED = {"time", "charts/step_time", "charts/tokens_per_second", "charts/reward_time"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 

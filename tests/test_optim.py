@@ -4,6 +4,7 @@ does."""
 
 import copy
 import io
+import types
 
 import pytest
 import torch
@@ -192,7 +193,9 @@ def toy_model(dtype):
 def test_memory_plan_counts_offload_bytes_like_a_hand_count():
     model = toy_model(torch.bfloat16)
     optimizer = make_optimizer("adamw8bit-offload", model.parameters(), lr=1e-3)
-    usage, notes = memory_bytes(model, optimizer, ref_model=copy.deepcopy(model), rollout_engine_bytes=1000)
+    judge = types.SimpleNamespace(model=toy_model(torch.float32))  # a reward model (common/judges.py): its weights
+    usage, notes = memory_bytes(model, optimizer, ref_model=copy.deepcopy(model), rollout_engine_bytes=1000,
+                                reward_model=judge)  # fmt: skip
     trainable, frozen = 8192 + 128 + 1024, 8
     blocks = 8192 // BLOCK + 1 + 1024 // BLOCK  # the bias of 128 fills one block in part
     moments_8bit = 2 * trainable + 2 * 4 * blocks  # two uint8 moments per weight + two fp32 maxima per block
@@ -204,11 +207,12 @@ def test_memory_plan_counts_offload_bytes_like_a_hand_count():
             "optimizer state": moments_8bit + master_and_grad_buffers,
             "reference model": 2 * (trainable + frozen),
             "rollout engine": 1000,
+            "reward model": 4 * (trainable + frozen),
         }
     }
     assert any("gradients: not allocated yet" in n for n in notes)
     plan = memory_plan(model, optimizer)
-    for role in ("weights", "gradients", "optimizer state", "reference model", "rollout engine", "total"):
+    for role in ("weights", "gradients", "optimizer state", "reference model", "rollout engine", "reward model", "total"):
         assert f"  {role} " in plan
 
 

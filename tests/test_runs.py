@@ -111,7 +111,7 @@ def test_a_resumed_run_logs_each_step_once_with_the_same_metrics(straight, resum
     assert [r["step"] for r in b] == list(range(7))  # step 5, logged again after the resume, only once
     for x, y in zip(a, b):
         for key in x:
-            if key not in ("time", "charts/step_time", "charts/tokens_per_second"):
+            if key not in ("time", "charts/step_time", "charts/tokens_per_second", "charts/reward_time"):
                 assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
 
 
@@ -236,7 +236,9 @@ def test_new_run_dirs_are_never_reused(tmp_path):
 # Run (common/runs.py) driven directly, as a script's loop drives it: no training, a stand-in rollout batch
 def stand_in_batch():
     """What Run.log reads of a rollout batch (common.policy.Rollouts): 2 groups of 2."""
-    return SimpleNamespace(rewards=torch.tensor([0.0, 1.0, 0.5, 0.5]), mask=torch.ones(4, 3), tool_calls=torch.zeros(4), group_size=2)
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5])
+    return SimpleNamespace(rewards=rewards, mask=torch.ones(4, 3), tool_calls=torch.zeros(4), group_size=2,
+                           rule_rewards=rewards, model_scores=None, reward_seconds=torch.full((4,), 0.25))  # fmt: skip
 
 
 def drive(grpo, tiny_vlm, out, *flags, stop_at=None, before_loop=False, extra_state=dict):

@@ -41,6 +41,7 @@ TRAIN_KEYS = [
     "charts/response_length",
     "charts/zero_advantage_groups",
     "charts/step_time",
+    "charts/reward_time",
     "eval/accuracy",
 ]
 LOSSES = ["losses/loss", "losses/kl", "losses/clipfrac", "losses/entropy", "losses/grad_norm"]  # losses/kl: with a KL term
@@ -62,10 +63,11 @@ def tiny(script, *flags):
 
 @pytest.fixture(scope="module")
 def smoke(script, repo_root, tiny_model_dir, tmp_path_factory):
-    """Two steps on the random tiny model, evaluated every step, tracked with wandb offline."""
+    """Two steps on the random tiny model, evaluated every step, tracked with wandb offline, rewarded by a judge (the
+    random tiny model again: docs/rewards.md)."""
     tmp = tmp_path_factory.mktemp(f"{script.name}-smoke")
     flags = tiny(script, "--total-steps", "2", "--eval-every", "1", "--eval-size", "8", "--train-size", "32")
-    flags += ["--output-dir", str(tmp / "runs"), "--model", tiny_model_dir, "--track"]
+    flags += ["--output-dir", str(tmp / "runs"), "--model", tiny_model_dir, "--track", "--reward-model", tiny_model_dir]
     result = run_script(script, repo_root, tmp, *flags, WANDB_MODE="offline", WANDB_DIR=str(tmp), WANDB_SILENT="true")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp / "runs").iterdir()
@@ -94,6 +96,10 @@ def check_metrics(run_dir, steps, script):
 
 def test_smoke_run_logs_every_metric_for_every_step(smoke, script):
     check_metrics(smoke[1], steps=2, script=script)
+    records = [json.loads(line) for line in (smoke[1] / "metrics.jsonl").read_text().splitlines()]
+    judged = ["charts/judge_agreement", "charts/judge_unread", "eval/judge_agreement", "eval/judge_unread"]
+    assert all(0 <= r[key] <= 1 for r in records[1:] for key in judged), records[-1]
+    assert re.search(r"reward model +[1-9]", smoke[0].stdout), smoke[0].stdout[:3000]  # the memory plan counts it
     flags = json.loads((smoke[1] / "args.json").read_text())  # the run's flags, for benchmarks/compare.py and people
     assert flags["total_steps"] == 2 and flags["task"] == "counting" and flags["exp_name"] == script.name
 
