@@ -52,6 +52,14 @@ def init(cuda: bool) -> str:
     return f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
 
 
+def leave():
+    """Leave torchrun's process group, at a run's clean end on every rank. Left to the interpreter's exit, gloo's
+    threads can abort the process ("terminate called without an active exception", pytorch/pytorch#190489). Not after
+    an error: another rank may still be waiting in a collective."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap(module: torch.nn.Module, mode: str, trainable: bool = True) -> torch.nn.Module:
     """`module` ready for distributed training; itself when there is one process.
 

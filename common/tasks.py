@@ -918,7 +918,7 @@ class Task:
     # a model as the reward (--reward-model, common/reward.py)
     parse: Callable | None = None  # (completion) -> the answer it gives, None if malformed (--reward-mix format-gate)
     judge_template: str | None = None  # a judge's prompt after the image: {question}, {response}, {reference}
-    judge_warm_start: dict | None = None  # the tiny judge's (common/tiny_vlm.py): max_steps, batch_size, lr, target_agreement
+    judge_warm_start: dict | None = None  # the tiny judge's (common/tiny_vlm.py's judge_warm_start)
     wrong_answer: Callable | None = None  # (example, random.Random) -> a wrong answer: the tiny judge's "no" cases
 
     def reward_fn(self, box_frame=norm1000_frame):
@@ -942,17 +942,12 @@ class Task:
 # compares; without it (drop the line) it must see for itself whether the response is right, which a real judge
 # does and the tiny one learns too slowly here (docs/rewards.md).
 JUDGE_TEMPLATE = "{question}\nThe right answer: {reference}\nResponse: {response}\nIs the response right? Answer yes or no."
-TINY_JUDGE = dict(max_steps=300, batch_size=32, lr=1e-3, target_agreement=0.9)  # or stops at 90% agreement
+TINY_JUDGE = dict(comparison_steps=600, max_steps=500, batch_size=64, lr=1e-3, target_agreement=0.99)  # counting's
 
 
 def wrong_count(example: Example, rng: random.Random) -> str:
     """Another count the scene could have had (1 to 5)."""
     return str(rng.choice([k for k in range(1, 6) if str(k) != example.answer]))
-
-
-def wrong_sum(example: Example, rng: random.Random) -> str:
-    """Another sum two numbers of 1 to MAX_ADDEND could have."""
-    return str(rng.choice([k for k in range(2, 2 * MAX_ADDEND + 1) if str(k) != example.answer]))
 
 
 MAT_HINT = "download MAT and pass --dataset DIR (docs/tasks.md#real-agentic-data-mat)"
@@ -966,8 +961,7 @@ TASKS: dict[str, Task] = {
              judge_warm_start=TINY_JUDGE, wrong_answer=wrong_count),
         Task("math", math_examples, math_reward, max_new_tokens=8, total_steps=450, ppo_total_steps=170,
              load_real=GEOMETRY3K.load, warm_start=dict(max_steps=400, batch_size=32, lr=1e-3, target_accuracy=0.35),
-             tokenizer_text=math_text, ideal_response=boxed_response, parse=parse_boxed, judge_template=JUDGE_TEMPLATE,
-             judge_warm_start=TINY_JUDGE, wrong_answer=wrong_sum),
+             tokenizer_text=math_text, ideal_response=boxed_response, parse=parse_boxed, judge_template=JUDGE_TEMPLATE),
         Task("grounding", grounding_examples, grounding_reward, max_new_tokens=24, total_steps=250, ppo_total_steps=95,
              success=0.5, metric="iou", load_real=REFCOCO.load,
              warm_start=dict(max_steps=600, batch_size=32, lr=1e-3, target_accuracy=0.30), tokenizer_text=grounding_text,

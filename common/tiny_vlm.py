@@ -208,20 +208,30 @@ def ideal_episodes(processor, prompts, examples, task: str, tools: dict):
     return episode_batch(prompts, episodes, processor.tokenizer.eos_token_id)
 
 
-def judge_examples(task: str, split: str, n: int, seed: int) -> tuple[list, list[str], list[bool]]:
-    """(examples, responses, is each right) for the tiny judge: n examples of the task's split, each with its ideal
-    response (right, half of them), a wrong answer in the ideal format (2/5) or a malformed one (1/10)."""
+def judge_examples(task: str, split: str, n: int, seed: int, junk: bool = True) -> tuple[list, list[str], list[bool]]:
+    """(examples, responses, is each right by the task's rule) for the tiny judge: n examples of the task's split, each
+    with its ideal response (half of them), the ideal response with a wrong answer (1/4), with junk for the answer
+    (3/20) or with junk put into it (1/10); junk False: a wrong answer for all of those. Junk: nothing, random characters, a word of the question, a piece of the
+    ideal response or the answer twice. A judge whose negatives were only wrong answers was hacked in 40 steps
+    (the policy answered "<answer>he</answer>"), one without the empty answer by "<answer></answer>": docs/rewards.md."""
     record, rng = tasks.get_task(task), random.Random(seed)
+    rule = record.reward_fn()
     examples, responses, right = tasks.load_task(task, split, n, image_size=TINY["image_size"]), [], []
     for e in examples:
-        u = rng.random()
+        ideal, u = record.ideal_response(e), rng.random()
+        a, b = sorted(rng.sample(range(len(ideal) + 1), 2))
+        junk = rng.choice(["", "".join(chr(rng.randint(1, 126)) for _ in range(rng.randint(1, 3))),
+                           rng.choice(e.question.split()), ideal[a:b], e.answer * 2])  # fmt: skip
         if u < 0.5:
-            responses.append(record.ideal_response(e))
+            response = ideal
+        elif u < 0.75 or not junk:
+            response = record.ideal_response(dataclasses.replace(e, answer=record.wrong_answer(e, rng)))
         elif u < 0.9:
-            responses.append(record.ideal_response(dataclasses.replace(e, answer=record.wrong_answer(e, rng))))
+            response = record.ideal_response(dataclasses.replace(e, answer=junk))
         else:
-            responses.append(rng.choice(["", e.answer, "<answer></answer>", f"<answer>{e.answer}", "answer"]))
-        right.append(u < 0.5)
+            response = ideal[:a] + junk + ideal[b:]
+        responses.append(response)
+        right.append(rule(response, e.answer) >= record.success)
     return examples, responses, right
 
 
@@ -232,35 +242,66 @@ def judge_text(task: str) -> list[str]:
     return [template.format(question=e.question, response=r, reference=e.answer) for e, r in zip(examples, responses)] + ["yes", "no"]
 
 
-def judge_warm_start(model_dir: str, task: str, max_steps: int, batch_size: int, lr: float, target_agreement: float,
-                     log=print):  # fmt: skip
-    """Supervised fine-tuning of the verdict ("yes" / "no", then EOS) to the judge prompt on the task's 'warmstart'
-    split, until the judge agrees with the rule on 200 more warmstart responses (never the held-out set)
-    `target_agreement` of the time, or `max_steps`; saves in place. (It stays near chance at this size: docs/rewards.md.)"""
+def judge_warm_start(model_dir: str, task: str, comparison_steps: int, max_steps: int, batch_size: int, lr: float,
+                     target_agreement: float, log=print):  # fmt: skip
+    """Supervised fine-tuning of the verdict's first token ("yes" / "no") on the task's 'warmstart' split, in two parts.
+    1. The bare comparison "<reference> <response>" of right and wrong answers (no junk, no image, no prompt), until
+       99 % of the last 25 batches are right, or `comparison_steps`: a tiny model learns to compare there in a few
+       hundred fast steps.
+    2. The judge prompt itself, image and all, beside a batch of bare comparisons (so that it is kept), the rate
+       decaying linearly to 0 over `max_steps`, until the judge agrees with the rule on 500 more warm-start responses
+       (never the held-out set) `target_agreement` of the time. Saves in place.
+    On the judge prompt from the start it stays at chance for ~700 steps (docs/rewards.md)."""
     torch.manual_seed(0)
     model, processor = load_vlm(model_dir)
-    record, tok = tasks.get_task(task), processor.tokenizer
-    examples, responses, right = judge_examples(task, "warmstart", max_steps * batch_size + 200, 0)
-    template = record.judge_template
-    prompts = [template.format(question=e.question, response=r, reference=e.answer) for e, r in zip(examples, responses)]
-    judge, validation = Judge(model, processor, template, 100, 4096), slice(len(examples) - 200, len(examples))
+    tok, template = processor.tokenizer, tasks.get_task(task).judge_template
+    yes, no = (tok(word, add_special_tokens=False)["input_ids"][0] for word in ("yes", "no"))
+    judge = Judge(model, processor, template, 100, 4096)
+    pairs = judge_examples(task, "warmstart", (comparison_steps + max_steps) * batch_size, 1, junk=False)
+    examples, responses, right = judge_examples(task, "warmstart", max_steps * batch_size + 500, 0)
+    validation = slice(len(examples) - 500, len(examples))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    for step in range(1, max_steps + 1):
+
+    def verdict_loss(inputs, rights):  # (loss, share right)
+        verdicts = torch.tensor([yes if r else no for r in rights])
+        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]  # (batch, V): the verdict's
+        return torch.nn.functional.cross_entropy(logits, verdicts), (logits.argmax(-1) == verdicts).float().mean()
+
+    def bare_loss(step):  # of batch `step` of the bare comparisons
         rows = range((step - 1) * batch_size, step * batch_size)
-        inputs = build_prompts(processor, [examples[i].image for i in rows], [prompts[i] for i in rows], 4096)
-        targets = [("yes" if right[i] else "no") + tok.eos_token for i in rows]
-        target_ids = tok(targets, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
-        target_ids[target_ids == tok.pad_token_id] = tok.eos_token_id
-        mask = response_mask(target_ids, tok.eos_token_id)
-        model.train()
-        loss = -response_logprobs(model, inputs, target_ids, mask, suppressed_token_ids(processor)).sum() / mask.sum()
+        texts = [f"{pairs[0][i].answer} {pairs[1][i]}" for i in rows]
+        inputs = tok(texts, padding=True, padding_side="left", return_tensors="pt", return_token_type_ids=False)
+        return verdict_loss(inputs, [pairs[2][i] for i in rows])
+
+    def update(loss):
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+
+    model.train()
+    recent = []  # the last 25 batches' shares right
+    for step in range(1, comparison_steps + 1):  # 1. the bare comparison
+        loss, share = bare_loss(step)
+        update(loss)
+        recent = (recent + [share.item()])[-25:]
+        if step % 25 == 0:
+            log(f"judge warm start, bare comparison, step {step}: loss {loss.item():.3f}, right {sum(recent) / 25:.3f}")
+            if sum(recent) / 25 >= 0.99:
+                break
+    for step in range(1, max_steps + 1):  # 2. the judge prompt
+        rows = range((step - 1) * batch_size, step * batch_size)
+        texts = [judge.prompt(examples[i], responses[i]) for i in rows]
+        inputs = build_prompts(processor, [examples[i].image for i in rows], texts, 4096)
+        model.train()
+        loss = verdict_loss(inputs, [right[i] for i in rows])[0] + bare_loss(comparison_steps + step)[0]
+        update(loss)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 - step / max_steps)
         if step % 25 == 0 or step == max_steps:
             scores = judge.scores(examples[validation], responses[validation])
             agreement = ((scores >= 0.5) == torch.tensor(right[validation])).float().mean().item()
-            log(f"judge warm start step {step}: loss {loss.item():.3f}, agreement {agreement:.3f}")
+            log(f"judge warm start, judge prompt, step {step}: loss {loss.item():.3f}, agreement {agreement:.3f}")
             if agreement >= target_agreement:
                 break
     model.save_pretrained(model_dir)
@@ -298,7 +339,7 @@ def cached_tiny_model_dir(task: str) -> str:
 def cached_tiny_judge_dir(task: str) -> str:
     record = task_with_tiny_model(task)
     if record.judge_warm_start is None or record.wrong_answer is None:
-        raise SystemExit(f"--reward-model tiny-judge: --task {task} has no tiny judge (counting and math do): pass a "
+        raise SystemExit(f"--reward-model tiny-judge: --task {task} has no tiny judge (counting has one): pass a "
                          "judge checkpoint (docs/rewards.md)")  # fmt: skip
     text = judge_text(task)
     recipe = ["judge", TINY, record.judge_warm_start, task, CHAT_TEMPLATE, tokenizer_corpus(task), text,

@@ -12,7 +12,7 @@ from common import tasks
 from common.families import FAMILIES, build
 from common.judges import Classifier, Judge, model_metrics, verdict_token_ids
 from common.reward import Reward, load_reward_model
-from common.tiny_vlm import train_tokenizer
+from common.tiny_vlm import judge_examples, train_tokenizer
 from common.vlm import load_vlm
 
 COUNTING = tasks.get_task("counting")
@@ -170,3 +170,17 @@ def test_a_classifiers_score_is_the_sigmoid_of_its_logit_in_any_batch(tmp_path, 
             expected = torch.sigmoid(classifier.model(**ids).logits[0, 0])
         assert score.item() == pytest.approx(expected.item(), abs=1e-5)
     assert scores.std() > 1e-4
+
+
+@pytest.mark.slow
+def test_the_tiny_judge_agrees_with_the_rule_on_held_out_responses():
+    """The tiny judge (built here, minutes) against the rule on 200 held-out examples it never saw, each with a right,
+    a wrong or a junk response (tiny_vlm.judge_examples), and on the answers that policies learned to fool earlier
+    judges with (docs/rewards.md)."""
+    judge = load_reward_model("tiny-judge", "judge", COUNTING, torch.float32, "cpu", 64, 1024)
+    examples, responses, right = judge_examples("counting", "eval", 200, 0)
+    scores = judge.scores(examples, responses)
+    assert ((scores >= 0.5) == torch.tensor(right)).float().mean() >= 0.9
+    hacks = ["<answer>he</answer>", "<answer>;</answer>", "<answer></answer>", "</answer>"]  # what policies found
+    e = examples[0]
+    assert (judge.scores([e] * 5, hacks + [f"<answer>{e.answer}</answer>"]) >= 0.5).tolist() == [False] * 4 + [True]
