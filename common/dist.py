@@ -20,6 +20,7 @@ and the step is split like this:
                (gathered into a full state dict first, so it loads with `from_pretrained` like a single-process one).
 """
 
+import atexit
 import contextlib
 import math
 import os
@@ -47,17 +48,12 @@ def init(cuda: bool) -> str:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        # left to the interpreter's teardown, gloo's threads can abort the process at exit ("terminate called without
+        # an active exception", pytorch/pytorch#190489): leave the group while Python is still whole
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
-
-
-def leave():
-    """Leave torchrun's process group, at a run's clean end on every rank. Left to the interpreter's exit, gloo's
-    threads can abort the process ("terminate called without an active exception", pytorch/pytorch#190489). Not after
-    an error: another rank may still be waiting in a collective."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def wrap(module: torch.nn.Module, mode: str, trainable: bool = True) -> torch.nn.Module:

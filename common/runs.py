@@ -340,8 +340,6 @@ class Run:
 
     def __exit__(self, kind, error, traceback):
         self.signals.restore()
-        if kind is None:
-            dist.leave()
         if kind is KeyboardInterrupt and not self.in_loop:
             raise SystemExit("interrupted before the first step: nothing was trained") from None
         if kind is KeyboardInterrupt and self.saving and (latest_checkpoint(self.dir) or "").endswith(f"checkpoint-{self.step}"):
