@@ -208,12 +208,12 @@ def ideal_episodes(processor, prompts, examples, task: str, tools: dict):
     return episode_batch(prompts, episodes, processor.tokenizer.eos_token_id)
 
 
-def judge_examples(task: str, split: str, n: int, seed: int, junk: bool = True) -> tuple[list, list[str], list[bool]]:
+def judge_examples(task: str, split: str, n: int, seed: int) -> tuple[list, list[str], list[bool]]:
     """(examples, responses, is each right by the task's rule) for the tiny judge: n examples of the task's split, each
-    with its ideal response (half of them), the ideal response with a wrong answer (1/4), with junk for the answer
-    (3/20) or with junk put into it (1/10); junk False: a wrong answer for all of those. Junk: nothing, random characters, a word of the question, a piece of the
-    ideal response or the answer twice. A judge whose negatives were only wrong answers was hacked in 40 steps
-    (the policy answered "<answer>he</answer>"), one without the empty answer by "<answer></answer>": docs/rewards.md."""
+    with its ideal response (1/2), the ideal response with a wrong answer (3/10), with junk for the answer (3/25) or
+    with a piece of it replaced by junk (2/25). Junk: random characters, a word of the question, a piece of the ideal
+    response or the answer twice (one draw in five is empty: a wrong answer instead). A judge whose negatives were
+    only wrong answers was hacked in 40 steps, the policy answering "<answer>he</answer>" (docs/rewards.md)."""
     record, rng = tasks.get_task(task), random.Random(seed)
     rule = record.reward_fn()
     examples, responses, right = tasks.load_task(task, split, n, image_size=TINY["image_size"]), [], []
@@ -224,7 +224,7 @@ def judge_examples(task: str, split: str, n: int, seed: int, junk: bool = True) 
                            rng.choice(e.question.split()), ideal[a:b], e.answer * 2])  # fmt: skip
         if u < 0.5:
             response = ideal
-        elif u < 0.75 or not junk:
+        elif u < 0.75 or junk == "":  # an empty draw: a wrong answer
             response = record.ideal_response(dataclasses.replace(e, answer=record.wrong_answer(e, rng)))
         elif u < 0.9:
             response = record.ideal_response(dataclasses.replace(e, answer=junk))
@@ -245,9 +245,9 @@ def judge_text(task: str) -> list[str]:
 def judge_warm_start(model_dir: str, task: str, comparison_steps: int, max_steps: int, batch_size: int, lr: float,
                      target_agreement: float, log=print):  # fmt: skip
     """Supervised fine-tuning of the verdict's first token ("yes" / "no") on the task's 'warmstart' split, in two parts.
-    1. The bare comparison "<reference> <response>" of right and wrong answers (no junk, no image, no prompt), until
-       99 % of the last 25 batches are right, or `comparison_steps`: a tiny model learns to compare there in a few
-       hundred fast steps.
+    1. The bare comparison "<reference> <response>" (no image, no prompt) of other judge_examples, until 99 % of the
+       last 25 batches are right, or `comparison_steps`: a tiny model learns to compare there in a few hundred fast
+       steps.
     2. The judge prompt itself, image and all, beside a batch of bare comparisons (so that it is kept), the rate
        decaying linearly to 0 over `max_steps`, until the judge agrees with the rule on 500 more warm-start responses
        (never the held-out set) `target_agreement` of the time. Saves in place.
@@ -257,7 +257,7 @@ def judge_warm_start(model_dir: str, task: str, comparison_steps: int, max_steps
     tok, template = processor.tokenizer, tasks.get_task(task).judge_template
     yes, no = (tok(word, add_special_tokens=False)["input_ids"][0] for word in ("yes", "no"))
     judge = Judge(model, processor, template, 100, 4096)
-    pairs = judge_examples(task, "warmstart", (comparison_steps + max_steps) * batch_size, 1, junk=False)
+    pairs = judge_examples(task, "warmstart", (comparison_steps + max_steps) * batch_size, 1)
     examples, responses, right = judge_examples(task, "warmstart", max_steps * batch_size + 500, 0)
     validation = slice(len(examples) - 500, len(examples))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
